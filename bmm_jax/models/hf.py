@@ -1,0 +1,236 @@
+"""Adapters for Hugging Face Flax encoders (transformers 4.57, the last release with Flax models).
+
+Families: ``bert`` (FlaxBertModel), ``roberta`` (FlaxRobertaModel), ``clip_vision``
+(FlaxCLIPVisionModel), ``vit`` (FlaxViTModel), ``gpt2`` (FlaxGPT2Model). A model comes either from
+a local folder (``path``: ``model.safetensors`` / ``pytorch_model.bin`` converted with
+``from_pt=True``, or ``flax_model.msgpack``), never from the network, or from a config (random
+init, for tiny test models).
+
+Features (``pooling``): ``"mean"`` masked mean of the last hidden state (default for BERT /
+RoBERTa), ``"cls"`` first token of the last hidden state (default for ViT), ``"pooler"`` the
+model's pooler output (default for CLIP vision: the post-LayerNorm CLS token), ``"last"`` the last
+real token (default for GPT-2).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from bmm_jax.models.adapter import ModelAdapter, masked_mean, to_image_array
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+TEXT_FAMILIES = ("bert", "roberta", "gpt2")
+VISION_FAMILIES = ("clip_vision", "vit")
+FAMILIES = TEXT_FAMILIES + VISION_FAMILIES
+_POOLINGS = ("mean", "cls", "pooler", "last")
+_DEFAULT_POOLING = {"bert": "mean", "roberta": "mean", "gpt2": "last", "clip_vision": "pooler", "vit": "cls"}
+# (mean, std) on the 0..1 scale, the families' usual image processors.
+_IMAGE_NORM = {"clip_vision": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+               "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def _classes(family: str):
+    import transformers as T
+    return {
+        "bert": (T.FlaxBertModel, T.BertConfig),
+        "roberta": (T.FlaxRobertaModel, T.RobertaConfig),
+        "gpt2": (T.FlaxGPT2Model, T.GPT2Config),
+        "clip_vision": (T.FlaxCLIPVisionModel, T.CLIPVisionConfig),
+        "vit": (T.FlaxViTModel, T.ViTConfig),
+    }[family]
+
+
+def load_hf_model(family: str, *, path: str | None = None, config: Any = None, seed: int = 0,
+                  add_pooling_layer: bool | None = None):
+    """Load (``path``) or randomly initialise (``config``) a HF Flax model of ``family``.
+
+    Args:
+      family: one of :data:`FAMILIES`.
+      path: local model folder. Safetensors / PyTorch weights are converted with ``from_pt=True``
+        (no torch needed for safetensors); ``flax_model.msgpack`` is read directly.
+      config: a ``PretrainedConfig`` of the family or a dict of its fields (random init with
+        ``seed``).
+      add_pooling_layer: BERT / RoBERTa / ViT only; ``None`` keeps the family default
+        (``False`` unless the pooling is ``"pooler"``, chosen by :func:`hf_adapter`).
+
+    Returns:
+      The ``FlaxPreTrainedModel`` (``.module`` is the linen module, ``.params`` its params).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown HF family {family!r}; expected one of {FAMILIES}")
+    if (path is None) == (config is None):
+        raise ValueError("give exactly one of path= (local folder) or config= (random init)")
+    model_cls, config_cls = _classes(family)
+    kwargs = {}
+    if add_pooling_layer is not None and family in ("bert", "roberta", "vit"):
+        kwargs["add_pooling_layer"] = add_pooling_layer
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no model folder at {path}")
+        files = set(os.listdir(path))
+        from_pt = "flax_model.msgpack" not in files
+        if from_pt and not ({"model.safetensors", "pytorch_model.bin"} & files):
+            raise FileNotFoundError(f"{path} holds no flax_model.msgpack, model.safetensors or pytorch_model.bin")
+        return model_cls.from_pretrained(path, from_pt=from_pt, local_files_only=True, **kwargs)
+    if isinstance(config, dict):
+        config = config_cls(**config)
+    if not isinstance(config, config_cls):
+        raise TypeError(f"config for family {family!r} must be a {config_cls.__name__} or a dict, got "
+                        f"{type(config).__name__}")
+    return model_cls(config, seed=seed, **kwargs)
+
+
+def _text_preprocess(tokenizer, max_length: int, pad_id: int):
+    def preprocess(inputs):
+        if isinstance(inputs, np.ndarray) and np.issubdtype(inputs.dtype, np.integer):
+            ids = np.asarray(inputs, np.int32)
+            if ids.ndim != 2:
+                raise ValueError(f"token id inputs must be [N, T], got shape {ids.shape}")
+            ids = ids[:, :max_length]
+            return {"input_ids": ids, "attention_mask": (ids != pad_id).astype(np.int32)}
+        if isinstance(inputs, str):
+            raise TypeError("text inputs must be a list of strings, got a single str")
+        texts = [str(t) for t in inputs]
+        if tokenizer is None:
+            raise ValueError("this adapter has no tokenizer: pass token ids [N, T] or build the adapter "
+                             "with tokenizer=")
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="np", return_token_type_ids=False)
+        return {"input_ids": enc["input_ids"].astype(np.int32),
+                "attention_mask": enc["attention_mask"].astype(np.int32)}
+    return preprocess
+
+
+def _image_preprocess(size: int, mean, std):
+    mean = np.asarray(mean, np.float32) * 255.0
+    std = np.asarray(std, np.float32) * 255.0
+
+    def preprocess(inputs):
+        x = to_image_array(inputs, size, 3)
+        return {"pixel_values": ((x - mean) / std).astype(np.float32)}
+    return preprocess
+
+
+def _default_buckets(max_length: int) -> tuple[int, ...]:
+    b = [l for l in (16, 32, 64, 128, 256, 512) if l < max_length]
+    return tuple(b) + (max_length,)
+
+
+def hf_adapter(family: str, *, path: str | None = None, config: Any = None, seed: int = 0,
+               tokenizer: Any = None, pooling: str | None = None, max_length: int = 64,
+               image_mean=None, image_std=None, name: str | None = None,
+               label_kwargs: dict | None = None, model: Any = None) -> ModelAdapter:
+    """A :class:`ModelAdapter` around a HF Flax encoder.
+
+    Args:
+      family: ``bert | roberta | gpt2 | clip_vision | vit``.
+      path / config / seed: see :func:`load_hf_model` (or pass an already built ``model``).
+      tokenizer: text families: a HF tokenizer; default: loaded from ``path`` if it has tokenizer
+        files. Without one, the adapter preprocesses integer token ids ``[N, T]`` only.
+      pooling: ``mean | cls | pooler | last`` (default per family, see the module docstring).
+      max_length: text: tokens per sequence (padding / truncation).
+      image_mean, image_std: vision: per-channel normalisation on the 0..1 scale.
+      name: adapter name (default: the family).
+      label_kwargs: keyword arguments for :func:`bmm_jax.labels.build_labels`.
+
+    Returns:
+      The adapter; ``feature_dim`` is the hidden size.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown HF family {family!r}; expected one of {FAMILIES}")
+    pooling = pooling or _DEFAULT_POOLING[family]
+    if pooling not in _POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {_POOLINGS}")
+    if pooling == "pooler" and family == "gpt2":
+        raise ValueError("GPT-2 has no pooler; use pooling='last' or 'mean'")
+    if pooling == "last" and family in VISION_FAMILIES:
+        raise ValueError("pooling='last' is for causal text models")
+    if model is None:
+        model = load_hf_model(family, path=path, config=config, seed=seed,
+                              add_pooling_layer=(pooling == "pooler"))
+    cfg = model.config
+    module = model.module
+    params = model.params
+    from bmm_jax.labels import build_labels
+    labels = build_labels(params, **(label_kwargs or {}))
+    info = {"family": family, "source": os.fspath(path) if path is not None else "config",
+            "pooling": pooling, "config": cfg.to_dict() if hasattr(cfg, "to_dict") else str(cfg)}
+
+    def pool(out, batch):
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if pooling == "pooler":
+            return out.pooler_output
+        if pooling == "cls":
+            return hidden[:, 0]
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = jnp.ones(hidden.shape[:2], jnp.int32)
+        if pooling == "mean":
+            return masked_mean(hidden, mask)
+        last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
+        return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+    if family in TEXT_FAMILIES:
+        if tokenizer is None and path is not None:
+            tokenizer = _try_tokenizer(path)
+        if tokenizer is not None and family == "gpt2" and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            pad_id = int(tokenizer.pad_token_id)
+        else:
+            pad_id = int(getattr(cfg, "pad_token_id", None) or 0)
+        if family == "gpt2":
+            pad_id = int(tokenizer.pad_token_id) if tokenizer is not None else int(cfg.eos_token_id)
+        padding_idx = int(getattr(cfg, "pad_token_id", 1) or 1)
+
+        def call_args(batch):
+            ids = jnp.asarray(batch["input_ids"])
+            mask = jnp.asarray(batch["attention_mask"])
+            if family == "roberta":
+                real = (ids != padding_idx).astype(jnp.int32)
+                pos = jnp.cumsum(real, axis=1) * real + padding_idx
+            else:
+                pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+            if family == "gpt2":
+                return (ids, mask, pos), {"deterministic": True}
+            return (ids, mask), {"token_type_ids": jnp.zeros_like(ids), "position_ids": pos,
+                                 "deterministic": True}
+
+        tok_name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        return ModelAdapter(
+            name=name or family, module=module, params=params, feature_dim=int(cfg.hidden_size),
+            call_args=call_args, pool=pool, preprocess_fn=_text_preprocess(tokenizer, max_length, pad_id),
+            labels=labels, token_mask_fn=lambda b: jnp.asarray(b["attention_mask"]) > 0,
+            preprocess_key=f"{family}:{info['source']}:{tok_name}:len{max_length}",
+            length_buckets=_default_buckets(max_length), info=info)
+
+    size = int(cfg.image_size)
+    mean = image_mean if image_mean is not None else _IMAGE_NORM[family][0]
+    std = image_std if image_std is not None else _IMAGE_NORM[family][1]
+
+    def call_args_img(batch):
+        return (jnp.asarray(batch["pixel_values"]),), {"deterministic": True}
+
+    return ModelAdapter(
+        name=name or family, module=module, params=params, feature_dim=int(cfg.hidden_size),
+        call_args=call_args_img, pool=pool, preprocess_fn=_image_preprocess(size, mean, std),
+        labels=labels, token_mask_fn=None,
+        preprocess_key=f"{family}:{info['source']}:{size}px:{tuple(mean)}:{tuple(std)}", info=info)
+
+
+def _try_tokenizer(path: str):
+    files = set(os.listdir(path))
+    if not ({"tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json"} & files):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+__all__ = ["hf_adapter", "load_hf_model", "FAMILIES"]
