@@ -1,0 +1,213 @@
+"""Machinery shared by the anchors: validation, leaf-by-leaf task vectors, assembly.
+
+Every anchor works leaf by leaf (never stacking the whole model's task vectors): for leaf ``i`` it
+builds ``taus = [K, *leaf.shape]`` (``theta_k - theta_0``) in the *compute dtype* (float32, or
+float64 for float64 leaves), computes a merged task vector ``delta`` and writes
+``theta_0 + scale * delta`` cast back to the leaf's dtype. Non-floating leaves (integer buffers)
+are always carried from ``theta_0``.
+
+Regressed modules are the leaves the label tree (:func:`bmm_jax.labels.build_labels`) marks as
+``regressed``; their 2-D view ``[d_in, d_out]`` (Flax ``Dense`` convention) comes from
+:meth:`bmm_jax.labels.Label.to_matrix`, so GPT-2's transposed Conv1D kernels and 1x1 convolutions
+are handled in one place.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bmm_jax._tree import PyTree, check_experts, leaves_with_paths
+from bmm_jax.labels import Label, build_labels, label_list
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Context(NamedTuple):
+    """Validated inputs of one merge, flattened to leaves (all lists in ``tree_flatten`` order).
+
+    Attributes:
+      treedef: tree structure of ``base``.
+      paths: leaf paths ``"a/b/kernel"``.
+      base_leaves: ``theta_0`` leaves.
+      expert_leaves: ``expert_leaves[k][i]`` = leaf ``i`` of expert ``k``.
+      labels: one :class:`Label` per leaf, or ``None`` when the method needs none.
+    """
+    treedef: Any
+    paths: list
+    base_leaves: list
+    expert_leaves: list
+    labels: list | None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_leaves)
+
+    def is_float(self, i: int) -> bool:
+        return is_float_dtype(leaf_dtype(self.base_leaves[i]))
+
+    def taus(self, i: int) -> jax.Array:
+        """``[K, *shape]`` task vectors of leaf ``i`` in the compute dtype."""
+        dt = compute_dtype(leaf_dtype(self.base_leaves[i]))
+        b = jnp.asarray(self.base_leaves[i], dt)
+        return jnp.stack([jnp.asarray(e[i], dt) - b for e in self.expert_leaves])
+
+    def matrices(self, i: int) -> jax.Array:
+        """``[K, d_in, d_out]`` task kernels of regressed leaf ``i`` (compute dtype)."""
+        return self.labels[i].to_matrix(self.taus(i))
+
+    def regressed_indices(self) -> list[int]:
+        """Indices of the floating regressed leaves."""
+        if self.labels is None:
+            return []
+        return [i for i, l in enumerate(self.labels) if l.regressed and self.is_float(i)]
+
+
+def leaf_dtype(x) -> np.dtype:
+    dt = getattr(x, "dtype", None)
+    return np.dtype(dt if dt is not None else np.asarray(x).dtype)
+
+
+def is_float_dtype(dt) -> bool:
+    return jnp.issubdtype(dt, jnp.floating)
+
+
+def compute_dtype(dt):
+    """float64 stays float64; every other float (bf16, f16, f32) is computed in float32."""
+    return jnp.float64 if np.dtype(dt) == np.float64 else jnp.float32
+
+
+def prepare(base: PyTree, experts: Sequence[PyTree], labels: PyTree | None = None, *,
+            need_labels: bool = True) -> Context:
+    """Validate ``experts`` against ``base`` (``check_experts``) and the label tree.
+
+    ``labels`` defaults to ``build_labels(base)`` when ``need_labels``; a given label tree must
+    have one :class:`Label` per leaf of ``base`` with matching paths.
+    """
+    experts = check_experts(base, experts)
+    flat, treedef = jax.tree_util.tree_flatten(base)
+    paths = [p for p, _ in leaves_with_paths(base)]
+    expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
+    labs = None
+    if need_labels:
+        tree = build_labels(base) if labels is None else labels
+        labs = label_list(tree)
+        if not all(isinstance(l, Label) for l in labs):
+            raise TypeError("labels must be a label tree from bmm_jax.labels.build_labels "
+                            "(a pytree whose leaves are Label)")
+        if len(labs) != len(paths):
+            raise ValueError(f"labels have {len(labs)} leaves but base has {len(paths)}: "
+                             "build the label tree from the same params")
+        for l, p, b in zip(labs, paths, flat):
+            if l.path != p:
+                raise ValueError(f"label path '{l.path}' does not match base leaf '{p}': "
+                                 "build the label tree from the same params")
+            if l.regressed:
+                shape = np.shape(b)
+                want = {"dense": (l.d_in, l.d_out), "transposed": (l.d_out, l.d_in),
+                        "conv1x1": (1, 1, l.d_in, l.d_out)}.get(l.layout)
+                if want is None or tuple(shape) != want:
+                    raise ValueError(f"label of leaf '{p}' (layout {l.layout}, {l.d_in} x "
+                                     f"{l.d_out}) does not fit its shape {tuple(shape)}")
+    return Context(treedef, paths, list(flat), expert_leaves, labs)
+
+
+def assemble(ctx: Context, delta_fn: Callable[[int], jax.Array | None], scale=1.0) -> PyTree:
+    """``theta_0 + scale * delta_fn(i)`` for every floating leaf, in each leaf's dtype.
+
+    ``delta_fn(i)`` returns the merged task vector of leaf ``i`` in the leaf's layout, or ``None``
+    to carry ``theta_0``. Non-floating leaves are carried without calling it.
+    """
+    out = []
+    for i, b in enumerate(ctx.base_leaves):
+        dt = leaf_dtype(b)
+        if not is_float_dtype(dt):
+            out.append(jnp.asarray(b))
+            continue
+        d = delta_fn(i)
+        if d is None:
+            out.append(jnp.asarray(b))
+            continue
+        cd = compute_dtype(dt)
+        out.append((jnp.asarray(b, cd) + scale * jnp.asarray(d, cd)).astype(dt))
+    return jax.tree_util.tree_unflatten(ctx.treedef, out)
+
+
+def merge_modules(base: PyTree, experts: Sequence[PyTree], matrix_fn: Callable, *,
+                  labels: PyTree | None = None, scale=1.0, other: str = "mean") -> PyTree:
+    """Apply a per-module merge to every regressed module; ``other`` for the remaining leaves.
+
+    Args:
+      matrix_fn: ``[K, d_in, d_out] task kernels -> [d_in, d_out]`` merged task kernel.
+      other: ``"mean"`` (mean task vector) or ``"base"`` (carry ``theta_0``) for leaves that are
+        not regressed modules.
+
+    Returns ``theta_0 + scale * merged`` with the structure and dtypes of ``base``.
+    """
+    if other not in ("mean", "base"):
+        raise ValueError(f"other must be 'mean' or 'base', got {other!r}")
+    ctx = prepare(base, experts, labels)
+
+    def delta(i):
+        lab = ctx.labels[i]
+        if lab.regressed:
+            return lab.from_matrix(matrix_fn(ctx.matrices(i)))
+        return mean_task_vector(ctx.taus(i)) if other == "mean" else None
+
+    return assemble(ctx, delta, scale)
+
+
+@jax.jit
+def mean_task_vector(taus):
+    return jnp.mean(taus, axis=0)
+
+
+@jax.jit
+def polar(x):
+    """Nearest matrix with orthonormal columns (or rows, if wide): ``U V^T`` of ``x = U S V^T``."""
+    u, _, vt = jnp.linalg.svd(x, full_matrices=False)
+    return jnp.matmul(u, vt, precision=HIGHEST)
+
+
+def psd_solve_min_norm(s, b, rcond=None):
+    """Min-norm least-squares solution of ``s x = b`` for symmetric PSD ``s [..., m, m]``.
+
+    ``s = Q diag(e) Q^T`` (``eigh``); eigenvalues ``e <= rcond * max(e)`` are dropped (default
+    ``rcond = m * eps`` of the dtype). Never forms an inverse; ``s = 0`` gives ``x = 0``.
+    """
+    m = s.shape[-1]
+    if rcond is None:
+        rcond = m * float(jnp.finfo(s.dtype).eps)
+    return _psd_solve(s, b, float(rcond))
+
+
+@jax.jit
+def _psd_solve(s, b, rcond):
+    e, q = jnp.linalg.eigh(s)
+    cutoff = rcond * jnp.max(e, axis=-1, keepdims=True)
+    keep = (e > cutoff) & (e > 0)
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, e, 1.0), 0.0)
+    qtb = jnp.matmul(jnp.swapaxes(q, -1, -2), b, precision=HIGHEST)
+    return jnp.matmul(q, inv[..., :, None] * qtb, precision=HIGHEST)
+
+
+def check_scale(scale, name: str = "scale") -> float:
+    try:
+        v = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(scale).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {scale}")
+    return v
+
+
+def check_fraction(value, name: str, *, low_open: bool, high: float = 1.0) -> float:
+    v = check_scale(value, name)
+    ok = (v > 0.0 if low_open else v >= 0.0) and v <= high
+    if not ok:
+        interval = ("(0, " if low_open else "[0, ") + f"{high:g}]"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return v

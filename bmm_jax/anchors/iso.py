@@ -1,0 +1,106 @@
+"""Isotropic merging: Iso-C and Iso-CTS (Marczak et al. 2025, "No Task Left Behind"), §6.
+
+Both work per regressed module on the 2-D view (``r = min(d_in, d_out)``) and give every other
+leaf the mean task vector (as the authors' code does for non-matrix parameters); the output is
+``theta_0 + scale * merged``.
+
+**Iso-C.** ``M = sum_k T_k = U diag(s) V^T``; ``merged = mean(s) * U V^T``: the singular vectors of
+the task-arithmetic sum with a flat (isotropic) spectrum.
+
+**Iso-CTS.** The authors work on PyTorch weights ``[d_out, d_in]`` and take the *common subspace*
+as the top left singular vectors of that view, i.e. the output side. We follow them exactly by
+running the algorithm on ``X_k = T_k^T`` and transposing back:
+
+1. ``sum_k X_k = U diag(s) V^T``; common part: the top ``c`` triplets ``(U_c, s_c, V_c)``.
+2. Sizes: ``c0 = floor(common_fraction * r)``; per-task size ``p = round((r - c0) / K)``
+   (capped at ``floor(r / K)``), then ``c = r - K p`` so that the ``r`` slots are filled exactly
+   (the reference code's adjustment; ``p`` equals ``floor((r - c0) / K)`` up to that rounding).
+3. Per task: ``X_k - U_c U_c^T X_k`` (the part outside the common subspace), thin SVD, keep the top
+   ``p`` triplets.
+4. Stack ``[task_1 .. task_K, common]`` left vectors ``[d_out, r]``, right vectors ``[r, d_in]``
+   and singular values ``[r]``; replace both stacks by their polar factors and use the isotropic
+   spectrum ``mean`` of the ``r`` stacked singular values.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from bmm_jax._tree import PyTree
+from bmm_jax.anchors._common import HIGHEST, check_fraction, check_scale, merge_modules, polar
+
+
+@jax.jit
+def iso_c_matrix(task_kernels):
+    """Iso-C of one module: ``[K, d_in, d_out] -> mean(s) U V^T`` of ``sum_k T_k``."""
+    u, s, vt = jnp.linalg.svd(jnp.sum(task_kernels, axis=0), full_matrices=False)
+    return jnp.mean(s) * jnp.matmul(u, vt, precision=HIGHEST)
+
+
+def iso_cts_sizes(d_in: int, d_out: int, num_experts: int, common_fraction: float) -> tuple[int, int]:
+    """``(c, p)``: common-subspace size and per-task size with ``c + K p = min(d_in, d_out)``."""
+    r = min(d_in, d_out)
+    c0 = int(r * common_fraction)
+    p = min(int(round((r - c0) / num_experts)), r // num_experts)
+    return r - num_experts * p, p
+
+
+@functools.partial(jax.jit, static_argnames=("common", "per_task"))
+def iso_cts_matrix(task_kernels, common: int, per_task: int):
+    """Iso-CTS of one module: ``[K, d_in, d_out] -> [d_in, d_out]`` (see the module docstring)."""
+    x = jnp.swapaxes(task_kernels, -1, -2)            # PyTorch view [K, d_out, d_in]
+    k = x.shape[0]
+    u, s, vt = jnp.linalg.svd(jnp.sum(x, axis=0), full_matrices=False)
+    uc, sc, vtc = u[:, :common], s[:common], vt[:common, :]
+    parts_u, parts_s, parts_vt = [], [], []
+    if per_task > 0:
+        proj = jnp.einsum("ic,kcj->kij", uc, jnp.einsum("ic,kij->kcj", uc, x, precision=HIGHEST),
+                          precision=HIGHEST)
+        ut, st, vtt = jnp.linalg.svd(x - proj, full_matrices=False)
+        parts_u.append(jnp.moveaxis(ut[:, :, :per_task], 0, 1).reshape(x.shape[1], k * per_task))
+        parts_s.append(st[:, :per_task].reshape(k * per_task))
+        parts_vt.append(vtt[:, :per_task, :].reshape(k * per_task, x.shape[2]))
+    parts_u.append(uc)
+    parts_s.append(sc)
+    parts_vt.append(vtc)
+    u_all = polar(jnp.concatenate(parts_u, axis=1))
+    vt_all = polar(jnp.concatenate(parts_vt, axis=0))
+    iso = jnp.mean(jnp.concatenate(parts_s))
+    return (iso * jnp.matmul(u_all, vt_all, precision=HIGHEST)).T
+
+
+def iso_c(base: PyTree, experts: Sequence[PyTree], scale: float = 1.0,
+          labels: PyTree | None = None) -> PyTree:
+    """Iso-C: flatten the spectrum of ``sum_k T_k`` per regressed module; mean task vector on
+    other leaves; ``theta_0 + scale * merged``.
+
+    Args:
+      base, experts: ``theta_0`` and K >= 2 fine-tuned pytrees like it.
+      scale: alpha (default 1.0; the authors tune it on validation data).
+      labels: label tree selecting the modules (default ``build_labels(base)``).
+    """
+    scale = check_scale(scale)
+    return merge_modules(base, experts, iso_c_matrix, labels=labels, scale=scale, other="mean")
+
+
+def iso_cts(base: PyTree, experts: Sequence[PyTree], scale: float = 1.0,
+            common_fraction: float = 0.8, labels: PyTree | None = None) -> PyTree:
+    """Iso-CTS: common + task-specific subspaces with an isotropic spectrum (module docstring).
+
+    Args:
+      base, experts: ``theta_0`` and K >= 2 fine-tuned pytrees like it.
+      scale: alpha (default 1.0; the authors tune it on validation data).
+      common_fraction: fraction of the rank given to the common subspace, in [0, 1] (default 0.8).
+      labels: label tree selecting the modules (default ``build_labels(base)``).
+    """
+    scale = check_scale(scale)
+    frac = check_fraction(common_fraction, "common_fraction", low_open=False)
+
+    def fn(t):
+        c, p = iso_cts_sizes(t.shape[1], t.shape[2], t.shape[0], frac)
+        return iso_cts_matrix(t, c, p)
+
+    return merge_modules(base, experts, fn, labels=labels, scale=scale, other="mean")
