@@ -1,0 +1,392 @@
+"""The outer level of BMM (method.md §4): module-wise Bayesian optimisation with Google Vizier.
+
+``bmm_jax.search.search(prep, objective, config, run_dir=...)`` searches per-group hyper-parameters
+``(log10 rho_g, s_g)`` (plus optional extras) of the merge fast path ``prep.params(hparams)`` to
+maximise a validation objective, with a Vizier GP designer held in RAM and every trial persisted in
+an SQLite Vizier study inside ``run_dir`` (a killed search resumes with no trial lost or repeated).
+
+This subpackage is itself callable: ``bmm_jax.search(...)`` is ``bmm_jax.search.search(...)``
+(the module's class is swapped for a callable ``ModuleType`` subclass), so
+``bmm_jax.search.SearchConfig`` and friends stay reachable under the same name.
+
+Flow of :func:`search`:
+
+1. resolve the groups from the label tree, print them and write ``groups.json`` / ``groups.txt``;
+2. open (or resume) the study ``<run_dir>/vizier.db``;
+3. trial 0: evaluate the exact anchor (once; its score is stored in the study metadata);
+4. evaluate any trial a killed run left ``ACTIVE`` (same id and point, once);
+5. seeded trials (default: the anchor-equivalent point ``rho = 10**2, s = 1`` and the shared
+   default ``rho = 1, s = 1`` for every group), then designer suggestions, until ``num_trials``
+   trials have finished;
+6. return the best trial's merged params, or the exact anchor if no trial beats it, and write the
+   reports (:mod:`bmm_jax.search.reports`).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import types
+import warnings
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from bmm_jax._tree import PyTree
+from bmm_jax.search.designer import SafeDesigner, fixed_trial_padding, make_designer
+from bmm_jax.search.reports import (best_so_far, plot_convergence, plot_hparams_by_depth, write_best,
+                                    write_groups, write_trials)
+from bmm_jax.search.space import (BUILTIN_EXTRAS, DESIGNERS, OBJECTIVES, Extra, SearchConfig, SearchSpace,
+                                  build_space, extras_of, fingerprint, group_hparams, module_hparams,
+                                  problem_statement, seed_point)
+from bmm_jax.search.study import SQLiteStudy, TrialRecord
+
+__all__ = ["search", "SearchConfig", "SearchResult", "Extra", "SearchSpace", "TrialRecord", "build_space",
+           "make_designer", "SafeDesigner", "SQLiteStudy", "BUILTIN_EXTRAS", "DESIGNERS", "OBJECTIVES",
+           "make_objective", "fixed_trial_padding"]
+
+
+class SearchResult(NamedTuple):
+    """What :func:`search` returns.
+
+    Attributes:
+      params: the merged params of the best trial, or the exact anchor when no trial beats it.
+      hparams: ``{group: {"rho": rho, "scale": s}}`` of the best trial; ``None`` when the exact
+        anchor is returned.
+      best_value: the best validation objective (the anchor's when the anchor is returned).
+      trials: every trial, as :class:`~bmm_jax.search.study.TrialRecord`: the exact anchor first
+        (id 0, source ``"anchor"``) when evaluated, then the Vizier trials by id.
+      history: ``[len(trials)]`` float64, best value so far after each entry of ``trials``
+        (NaN before the first value).
+      extras: ``{name: value}`` of the best trial's extra parameters (``{}`` for the anchor).
+      best_trial: id of the returned trial (0 = the exact anchor).
+      anchor_value: the exact anchor's validation objective (``None`` if not evaluated).
+      run_dir: the run directory; the Vizier study is ``<run_dir>/vizier.db``.
+    """
+    params: PyTree
+    hparams: dict | None
+    best_value: float
+    trials: tuple
+    history: np.ndarray
+    extras: dict
+    best_trial: int
+    anchor_value: float | None
+    run_dir: str
+
+
+# ----------------------------------------------------------------------------------- objective
+def make_objective(objective: Callable | None = None, *, kind: str = "accuracy", adapter=None, heads=None,
+                   tasks: Sequence[str] | None = None, expert_accuracy: Mapping[str, float] | None = None,
+                   evaluate_fn: Callable | None = None, validation_examples: int | None = 128):
+    """A function ``params -> (value, metrics)`` for the search.
+
+    Either ``objective(params)`` returning a float or a mapping ``task -> accuracy``, or the pieces
+    ``adapter, heads, tasks`` for ``evaluate_fn(adapter, params, heads, tasks, split="validation",
+    max_examples=validation_examples) -> {task: acc}`` (default :func:`bmm_jax.evaluate.evaluate`;
+    never the test split).
+
+    ``kind="accuracy"``: the value is the float, or the mean of the mapping. ``kind="normalized"``:
+    the mean of ``acc[t] / expert_accuracy[t]`` (needs a mapping and ``expert_accuracy``).
+    ``metrics`` holds ``acc/<task>`` (and ``norm/<task>``) for mappings.
+    """
+    if kind not in OBJECTIVES:
+        raise ValueError(f"unknown objective kind {kind!r}; expected one of {OBJECTIVES}")
+    if objective is None:
+        missing = [n for n, v in (("adapter", adapter), ("heads", heads), ("tasks", tasks)) if v is None]
+        if missing:
+            raise ValueError("search needs an objective: pass objective(params) -> float | {task: acc}, "
+                             f"or adapter, heads and tasks to evaluate on the validation split (missing: {missing})")
+        if isinstance(tasks, str) or not len(tasks):
+            raise ValueError(f"tasks must be a non-empty sequence of task names, got {tasks!r}")
+        if evaluate_fn is None:
+            from bmm_jax.evaluate import evaluate as evaluate_fn
+        tasks = list(tasks)
+
+        def objective(params):
+            return evaluate_fn(adapter, params, heads, tasks, split="validation", max_examples=validation_examples)
+    elif not callable(objective):
+        raise TypeError(f"objective must be callable (params -> float or {{task: acc}}), got {type(objective).__name__}")
+    if kind == "normalized":
+        if expert_accuracy is None:
+            raise ValueError("objective='normalized' needs expert_accuracy={task: the expert's validation accuracy}")
+        for t, a in expert_accuracy.items():
+            if not (float(a) > 0):
+                raise ValueError(f"expert_accuracy[{t!r}] = {a}; cannot normalise by it")
+
+    def evaluate(params) -> tuple[float, dict]:
+        raw = objective(params)
+        if isinstance(raw, Mapping):
+            if not raw:
+                raise ValueError("the objective returned an empty mapping of task accuracies")
+            acc = {str(t): float(v) for t, v in raw.items()}
+            metrics = {f"acc/{t}": v for t, v in acc.items()}
+            if kind == "normalized":
+                missing = sorted(set(acc) - set(map(str, expert_accuracy)))
+                if missing:
+                    raise ValueError(f"expert_accuracy has no entry for tasks {missing}")
+                norm = {t: v / float(expert_accuracy[t]) for t, v in acc.items()}
+                metrics.update({f"norm/{t}": v for t, v in norm.items()})
+                return float(np.mean(list(norm.values()))), metrics
+            return float(np.mean(list(acc.values()))), metrics
+        if kind == "normalized":
+            raise TypeError("objective='normalized' needs the objective to return {task: accuracy}, "
+                            f"got {type(raw).__name__}")
+        try:
+            return float(raw), {}
+        except (TypeError, ValueError):
+            raise TypeError(f"the objective must return a float or {{task: accuracy}}, got {type(raw).__name__}") from None
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _setup_jax_cache(d: str | None) -> None:
+    if d is None:
+        return
+    import jax
+    if jax.config.jax_compilation_cache_dir:
+        return
+    if d == "auto":
+        d = os.environ.get("BMM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bmm_jax", "jax")
+    try:
+        os.makedirs(d, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", d)
+    except OSError as e:  # pragma: no cover - read-only home etc.
+        warnings.warn(f"could not enable the JAX compilation cache at {d!r}: {e}")
+
+
+def _check_extras_accepted(params_fn: Callable, space: SearchSpace) -> None:
+    if not space.extras:
+        return
+    try:
+        sig = inspect.signature(params_fn)
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    missing = [e.name for e in space.extras if e.name not in sig.parameters]
+    if missing:
+        raise ValueError(f"the search has extra parameters {missing}, but the params function "
+                         f"{getattr(params_fn, '__qualname__', params_fn)!r} accepts no keyword argument "
+                         f"of that name (signature {sig}); pass params_fn=... that does")
+
+
+def _resolve(prep, params_fn, labels):
+    if prep is not None:
+        if params_fn is None:
+            params_fn = getattr(prep, "params", None)
+        if labels is None:
+            labels = getattr(prep, "labels", None)
+    if params_fn is None or not callable(params_fn):
+        raise ValueError("search needs the merge fast path: prep=bmm_jax.merge.prepare(...) "
+                         "(or params_fn=hparams -> params and labels=...)")
+    if labels is None:
+        raise ValueError("search needs the label tree: prep.labels or labels=...")
+    return params_fn, labels
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+# ----------------------------------------------------------------------------------- search
+def search(prep=None, objective: Callable | None = None, config: SearchConfig | None = None, *,
+           run_dir: str, anchor: PyTree | None = None, labels: PyTree | None = None,
+           params_fn: Callable | None = None, adapter=None, heads=None, tasks: Sequence[str] | None = None,
+           expert_accuracy: Mapping[str, float] | None = None, evaluate_fn: Callable | None = None,
+           designer_factory: Callable | None = None, progress: bool = True, verbose: bool = True) -> SearchResult:
+    """Module-wise Bayesian optimisation of BMM's ``(rho, s)`` per group (method.md §4).
+
+    Args:
+      prep: the merge fast path (``bmm_jax.merge.prepare(...)``): ``prep.labels`` (label tree) and
+        ``prep.params(hparams, **extras) -> merged params``. The search passes per-module
+        ``hparams = {module path: {"rho": rho, "scale": s}}`` and the extras (``anchor_scale``,
+        ``beta``, ...) as keyword arguments.
+      objective: ``params -> float`` or ``params -> {task: validation accuracy}`` (higher is
+        better). Or leave it ``None`` and pass ``adapter, heads, tasks`` (evaluated with
+        ``bmm_jax.evaluate.evaluate(..., split="validation")``). See :func:`make_objective`.
+      config: :class:`SearchConfig` (default ``SearchConfig()``).
+      run_dir: run directory: Vizier study ``vizier.db`` and reports. Rerunning with the same
+        directory resumes the study (same search space and objective required).
+      anchor: the exact anchor params, evaluated as trial 0 and returned if no trial beats it
+        (recommended; without it the guarantee rests on the anchor-equivalent seed, rho = 100,
+        which equals the anchor only up to ~1e-2 relative).
+      labels, params_fn: instead of ``prep``.
+      adapter, heads, tasks, evaluate_fn: pieces of the default objective.
+      expert_accuracy: ``{task: expert validation accuracy}`` for ``objective="normalized"``.
+      designer_factory: ``(problem, *, seed) -> vizier Designer`` overriding ``config.designer``
+        (dependency injection, e.g. for tests).
+      progress: show a tqdm bar with the best value so far.
+      verbose: print the group table and a summary.
+
+    Returns:
+      :class:`SearchResult`.
+
+    Raises:
+      ValueError / TypeError: bad configuration (empty search space, unknown grouping, inverted
+        ranges, non-positive trials), missing pieces, a run directory holding another study.
+      RuntimeError: another live process uses ``run_dir``.
+      Exceptions of the objective propagate; the trial stays ``ACTIVE`` and is evaluated again
+      when the search is rerun. A non-finite objective value marks the trial infeasible.
+    """
+    config = SearchConfig() if config is None else config
+    if not isinstance(config, SearchConfig):
+        raise TypeError(f"config must be a SearchConfig, got {type(config).__name__}")
+    if not isinstance(run_dir, (str, os.PathLike)) or not str(run_dir):
+        raise TypeError(f"run_dir must be a path, got {run_dir!r}")
+    run_dir = os.fspath(run_dir)
+    params_fn, labels = _resolve(prep, params_fn, labels)
+    space = build_space(labels, config)
+    _check_extras_accepted(params_fn, space)
+    evaluate = make_objective(objective, kind=config.objective, adapter=adapter, heads=heads, tasks=tasks,
+                              expert_accuracy=expert_accuracy, evaluate_fn=evaluate_fn,
+                              validation_examples=config.validation_examples)
+    _setup_jax_cache(config.jax_cache_dir)
+    problem = problem_statement(space)
+    os.makedirs(run_dir, exist_ok=True)
+    table = write_groups(run_dir, space)
+    if verbose:
+        print(table, flush=True)
+
+    def merged(point):
+        return params_fn(module_hparams(space, group_hparams(space, point)), **extras_of(space, point))
+
+    with SQLiteStudy(run_dir, problem, study_id=config.study_id, fingerprint=fingerprint(space, config)) as study:
+        # Trial 0: the exact anchor, evaluated once per study.
+        anchor_rec = None
+        if config.anchor_trial and anchor is not None:
+            stored = study.get_meta("anchor")
+            if stored is None:
+                t0 = time.perf_counter()
+                value, metrics = evaluate(anchor)
+                stored = json.dumps({"value": value, "metrics": metrics, "seconds": time.perf_counter() - t0})
+                study.set_meta("anchor", stored)
+            a = json.loads(stored)
+            anchor_rec = TrialRecord(0, "COMPLETED" if math.isfinite(a["value"]) else "INFEASIBLE", {},
+                                     a["value"] if math.isfinite(a["value"]) else None, a["metrics"],
+                                     a["seconds"], "anchor")
+        elif config.anchor_trial:
+            warnings.warn("search: no anchor params given, so the exact anchor is not evaluated as trial 0; "
+                          "the result is only as good as the anchor-equivalent seed (rho = 100)")
+        anchor_value = None if anchor_rec is None else anchor_rec.value
+
+        vz_trials = study.vz_trials()
+        records = [r for r in study.records()]
+        finished = [t for t, r in zip(vz_trials, records) if r.state in ("COMPLETED", "INFEASIBLE")]
+        pending = [r for r in records if r.state in ("ACTIVE", "REQUESTED")]
+        if designer_factory is not None:
+            base = designer_factory(problem, seed=config.seed)
+        else:
+            base = make_designer(config.designer, problem, seed=config.seed,
+                                 acquisition_evaluations=config.acquisition_evaluations,
+                                 ard_restarts=config.ard_restarts, trial_padding=config.trial_padding,
+                                 resume_offset=len(records))
+        designer = SafeDesigner(base, space, problem, seed=config.seed, skip=len(records))
+        designer.update(finished)  # re-feed the in-RAM designer from the datastore
+
+        values = [r.value for r in records if r.value is not None]
+        best = max(values) if values else None
+        n_done = len(finished)
+
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.num_trials, initial=min(n_done, config.num_trials), desc="BMM search",
+                   disable=not progress, dynamic_ncols=True)
+
+        def postfix():
+            bar.set_postfix_str(f"best={_fmt(best)} anchor={_fmt(anchor_value)}")
+
+        postfix()
+
+        def run_trial(tid: int, point: Mapping[str, float]):
+            nonlocal best, n_done
+            t0 = time.perf_counter()
+            value, metrics = evaluate(merged(point))
+            secs = time.perf_counter() - t0
+            if math.isfinite(value):
+                trial = study.complete(tid, value, metrics, secs)
+                best = value if best is None else max(best, value)
+            else:
+                trial = study.infeasible(tid, f"non-finite objective value {value}")
+            designer.update([trial])
+            n_done += 1
+            bar.update(1)
+            postfix()
+
+        try:
+            for r in pending:  # left ACTIVE by a killed run: evaluate once, same id and point
+                study.activate(r.id)
+                run_trial(r.id, r.point)
+            have = {r.source for r in records}
+            seeds = [s for s in config.seed_points if f"seed:{s}" not in have]
+            while n_done < config.num_trials:
+                if seeds:
+                    name = seeds.pop(0)
+                    point, source, secs = seed_point(space, name), f"seed:{name}", None
+                else:
+                    t0 = time.perf_counter()
+                    point, source = designer.suggest()
+                    secs = time.perf_counter() - t0
+                tid = study.add(point, source, secs)
+                run_trial(tid, point)
+        finally:
+            bar.close()
+
+        records = study.records()
+
+    # --------------------------------------------------------------------- result and reports
+    done = [r for r in records if r.state == "COMPLETED"]
+    best_rec = max(done, key=lambda r: (r.value, -r.id)) if done else None
+    all_trials = ([anchor_rec] if anchor_rec is not None else []) + list(records)
+    if best_rec is None and anchor_value is None:
+        raise RuntimeError("search: no trial finished with a finite objective value and no anchor was "
+                           "evaluated; see trials.json")
+    use_anchor = anchor_value is not None and (best_rec is None or anchor_value >= best_rec.value)
+    if use_anchor:
+        params, hparams, extras, best_value, best_id = anchor, None, {}, anchor_value, 0
+    else:
+        hparams = group_hparams(space, best_rec.point)
+        extras = extras_of(space, best_rec.point)
+        params = merged(best_rec.point)
+        best_value, best_id = best_rec.value, best_rec.id
+    hist = np.array([np.nan if b is None else b for b in best_so_far([r.value for r in all_trials])], np.float64)
+
+    write_trials(run_dir, all_trials, space)
+    write_best(run_dir, {
+        "value": best_value, "trial": best_id, "is_anchor": use_anchor, "hparams": hparams, "extras": extras,
+        "point": None if use_anchor else best_rec.point, "anchor_value": anchor_value,
+        "best_trial_value": None if best_rec is None else best_rec.value,
+        "best_trial_point": None if best_rec is None else best_rec.point,
+        "grouping": space.grouping, "num_trials": len(records), "designer": config.designer,
+        "fallbacks_this_run": designer.num_fallbacks,
+        "suggest_seconds_this_run": designer.latencies,
+    })
+    title = (f"{space.grouping} grouping, {config.designer}: best {best_value:.4f}"
+             + (f" vs anchor {anchor_value:.4f}" if anchor_value is not None else ""))
+    try:
+        plot_convergence(os.path.join(run_dir, "convergence.png"), all_trials, anchor_value, title)
+        plot_hparams_by_depth(os.path.join(run_dir, "hparams_by_depth.png"), space,
+                              None if best_rec is None else best_rec.point,
+                              f"best trial {None if best_rec is None else best_rec.id}"
+                              + (" (the exact anchor is kept)" if use_anchor else ""))
+    except Exception as e:  # plotting must never lose a finished search
+        warnings.warn(f"search: plotting failed: {type(e).__name__}: {e}")
+    if verbose:
+        print(f"search done: {len(records)} trials, best {best_value:.4f} (trial {best_id}"
+              + (", the exact anchor" if use_anchor else "") + ")"
+              + (f", anchor {anchor_value:.4f}" if anchor_value is not None else "")
+              + f"; reports in {run_dir}", flush=True)
+    return SearchResult(params, hparams, float(best_value), tuple(all_trials), hist, extras, int(best_id),
+                        anchor_value, run_dir)
+
+
+class _CallableModule(types.ModuleType):
+    """Makes ``bmm_jax.search(...)`` call :func:`search` while the subpackage stays a module."""
+
+    def __call__(self, *args, **kwargs) -> SearchResult:
+        return search(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
