@@ -71,7 +71,10 @@ def wudi_adam(s, b, init, lr, steps: int):
         updates, state = opt.update(grad, state, tm)
         return (optax.apply_updates(tm, updates), state), None
 
-    (tm, _), _ = lax.scan(step, (init, opt.init(init)), None, length=steps)
+    # optax's bias correction computes float ** int32 step count, which strict dtype promotion
+    # rejects; trace the optimiser under standard promotion (all our arrays share one dtype).
+    with jax.numpy_dtype_promotion("standard"):
+        (tm, _), _ = lax.scan(step, (init, opt.init(init)), None, length=steps)
     return tm
 
 

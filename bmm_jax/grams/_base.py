@@ -20,8 +20,9 @@ class Grams(Mapping):
     Args:
       dense: ``{key: array [K, d, d]}`` of stored dense Grams.
       key_of: ``{module path: key}``; several modules may share one key (input groups).
-      factors: optional ``{key: array [K, d, r]}`` with ``G_k = F_k F_k^T``; ``dense`` entries for
-        those keys are built lazily on access.
+      factors: optional ``{key: array [K, d, r]}`` (or a zero-argument callable returning it, so
+        that a factor can be computed on demand instead of stored) with ``G_k = F_k F_k^T``;
+        dense matrices for those keys are built lazily on access.
       kind: ``"activations" | "data_free" | "hybrid"`` (informational).
     """
 
@@ -39,13 +40,14 @@ class Grams(Mapping):
     def __getitem__(self, path: str):
         key = self.key_of[path]
         if key not in self._dense:
-            f = self._factors[key]
+            f = self.factor(path)
             return jnp.einsum("kir,kjr->kij", f, f, precision="highest")
         return self._dense[key]
 
     def factor(self, path: str):
         """``[K, d_in, r]`` factor with ``G = F F^T`` if stored as factors, else ``None``."""
-        return self._factors.get(self.key_of[path])
+        f = self._factors.get(self.key_of[path])
+        return f() if callable(f) else f
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.key_of)
@@ -55,8 +57,10 @@ class Grams(Mapping):
 
     @property
     def num_experts(self) -> int:
-        for v in list(self._dense.values()) + list(self._factors.values()):
+        for v in list(self._dense.values()):
             return int(v.shape[0])
+        for path in self.key_of:
+            return int(self.factor(path).shape[0])
         return 0
 
     def map(self, fn: Callable, kind: str | None = None) -> "Grams":

@@ -65,6 +65,9 @@ class ModelAdapter:
       length_buckets: for text, sequence lengths a batch may be trimmed to (see
         :func:`trim_batch`); empty for images.
       info: free-form description (checkpoint source, config) for reports.
+      dtype_promotion: if set (``"standard"``), ``module.apply`` runs under
+        ``jax.numpy_dtype_promotion(dtype_promotion)``: third-party modules (HF Flax) written for
+        standard promotion then also work when the process uses ``strict`` promotion.
     """
     name: str
     module: nn.Module
@@ -79,6 +82,7 @@ class ModelAdapter:
     preprocess_key: str = ""
     length_buckets: tuple[int, ...] = ()
     info: dict = dataclasses.field(default_factory=dict)
+    dtype_promotion: str | None = None
 
     def __post_init__(self):
         if self.labels is None:
@@ -89,11 +93,25 @@ class ModelAdapter:
         """The variable dict for ``module.apply``: ``{"params": params, **extra_variables}``."""
         return {"params": params, **self.extra_variables}
 
+    def run_module(self, params: PyTree, batch: Batch, **kwargs):
+        """``module.apply(variables(params), *args, **kwargs)`` with ``args, kwargs`` from
+        :attr:`call_args` (extra ``kwargs`` override), under the adapter's dtype-promotion mode.
+        Returns the module's raw output. Wrap it in ``flax.linen.intercept_methods`` to capture
+        submodule inputs."""
+        args, kw = self.call_args(batch)
+        kw = {**kw, **kwargs}
+        if self.dtype_promotion is None:
+            return self.module.apply(self.variables(params), *args, **kw)
+        with jax.numpy_dtype_promotion(self.dtype_promotion):
+            return self.module.apply(self.variables(params), *args, **kw)
+
     def apply(self, params: PyTree, batch: Batch) -> jax.Array:
         """Pooled features ``[B, feature_dim]`` (float32). Pure; jit it or use :attr:`jit_apply`."""
-        args, kwargs = self.call_args(batch)
-        out = self.module.apply(self.variables(params), *args, **kwargs)
-        return self.pool(out, batch).astype(jnp.float32)
+        out = self.run_module(params, batch)
+        if self.dtype_promotion is None:
+            return self.pool(out, batch).astype(jnp.float32)
+        with jax.numpy_dtype_promotion(self.dtype_promotion):
+            return self.pool(out, batch).astype(jnp.float32)
 
     @functools.cached_property
     def jit_apply(self) -> Callable[[PyTree, Batch], jax.Array]:
@@ -183,9 +201,8 @@ class ModelAdapter:
                         masks.setdefault(g, []).append(self.row_mask(x.shape, batch, example_mask))
             return next_fun(*args, **kwargs)
 
-        args, kwargs = self.call_args(batch)
         with nn.intercept_methods(interceptor):
-            self.module.apply(self.variables(params), *args, **kwargs)
+            self.run_module(params, batch)
         groups = {l.input_group for l in by_module.values()}
         missing = sorted(groups - set(seen))
         if missing:

@@ -118,6 +118,50 @@ def normalize(images) -> jax.Array:
     return (x - INPUT_MEAN) / INPUT_STD
 
 
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF ``SAME`` padding ``(before, after)`` of one spatial axis: output ``ceil(size / stride)``,
+    total padding ``max((out - 1) * stride + kernel - size, 0)``, the odd pixel after."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Depthwise 2-D convolution with TF ``SAME`` padding, as ``k*k`` shifted multiply-adds.
+
+    ``x [B, H, W, C]``, ``kernel [k, k, 1, C]`` (Flax layout for ``feature_group_count=C``) ->
+    ``[B, ceil(H/s), ceil(W/s), C]``. Equal to ``lax.conv_general_dilated(...,
+    feature_group_count=C)`` but 3-50x faster on XLA:CPU, whose grouped convolutions are slow.
+    """
+    k = kernel.shape[0]
+    b, h, w, c = x.shape
+    (pt, pb), (pl, pr) = same_padding(h, k, stride), same_padding(w, k, stride)
+    ho, wo = -(-h // stride), -(-w // stride)
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    y = None
+    for dy in range(k):
+        for dx in range(k):
+            patch = jax.lax.slice(xp, (0, dy, dx, 0),
+                                  (b, dy + stride * (ho - 1) + 1, dx + stride * (wo - 1) + 1, c),
+                                  (1, stride, stride, 1))
+            term = patch * kernel[dy, dx, 0]
+            y = term if y is None else y + term
+    return y
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise conv (TF ``SAME``, no bias); param ``kernel [k, k, 1, C]`` as ``nn.Conv`` with
+    ``feature_group_count=C`` would hold it."""
+    kernel_size: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (self.kernel_size, self.kernel_size, 1, x.shape[-1]), jnp.float32)
+        return depthwise_conv(x, kernel.astype(x.dtype), self.stride)
+
+
 def _bn(name: str) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, momentum=0.99, name=name)
 
@@ -133,8 +177,7 @@ class MBConv(nn.Module):
         if s.expanded != s.in_channels:
             h = nn.Conv(s.expanded, (1, 1), use_bias=False, name="expand_conv")(h)
             h = jax.nn.relu6(_bn("bn0")(h))
-        h = nn.Conv(s.expanded, (s.kernel, s.kernel), strides=(s.stride, s.stride), padding="SAME",
-                    feature_group_count=s.expanded, use_bias=False, name="depthwise_conv")(h)
+        h = DepthwiseConv(s.kernel, s.stride, name="depthwise_conv")(h)
         h = jax.nn.relu6(_bn("bn1")(h))
         h = nn.Conv(s.out_channels, (1, 1), use_bias=False, name="project_conv")(h)
         h = _bn("bn2")(h)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,12 +56,12 @@ def load_hf_model(family: str, *, path: str | None = None, config: Any = None, s
       path: local model folder. Safetensors / PyTorch weights are converted with ``from_pt=True``
         (no torch needed for safetensors); ``flax_model.msgpack`` is read directly.
       config: a ``PretrainedConfig`` of the family or a dict of its fields (random init with
-        ``seed``).
-      add_pooling_layer: BERT / RoBERTa / ViT only; ``None`` keeps the family default
-        (``False`` unless the pooling is ``"pooler"``, chosen by :func:`hf_adapter`).
+        ``seed``, jitted).
+      add_pooling_layer: BERT / RoBERTa / ViT only; ``None`` keeps the family default.
 
     Returns:
-      The ``FlaxPreTrainedModel`` (``.module`` is the linen module, ``.params`` its params).
+      ``(model, params)``: the ``FlaxPreTrainedModel`` (built with ``_do_init=False``; its
+      ``.module`` is the linen module; call it with ``params=``) and its params (nested dicts).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown HF family {family!r}; expected one of {FAMILIES}")
@@ -78,13 +79,25 @@ def load_hf_model(family: str, *, path: str | None = None, config: Any = None, s
         from_pt = "flax_model.msgpack" not in files
         if from_pt and not ({"model.safetensors", "pytorch_model.bin"} & files):
             raise FileNotFoundError(f"{path} holds no flax_model.msgpack, model.safetensors or pytorch_model.bin")
-        return model_cls.from_pretrained(path, from_pt=from_pt, local_files_only=True, **kwargs)
+        with jax.numpy_dtype_promotion("standard"):   # HF Flax code assumes standard promotion
+            model, params = model_cls.from_pretrained(path, from_pt=from_pt, local_files_only=True,
+                                                      _do_init=False, **kwargs)
+        return model, _plain(params)
     if isinstance(config, dict):
         config = config_cls(**config)
     if not isinstance(config, config_cls):
         raise TypeError(f"config for family {family!r} must be a {config_cls.__name__} or a dict, got "
                         f"{type(config).__name__}")
-    return model_cls(config, seed=seed, **kwargs)
+    with jax.numpy_dtype_promotion("standard"):
+        model = model_cls(config, seed=seed, _do_init=False, **kwargs)
+        params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(seed), model.input_shape)
+    return model, _plain(params)
+
+
+def _plain(tree):
+    """FrozenDict / dict params -> plain nested dicts of arrays."""
+    from flax.core import unfreeze
+    return unfreeze(tree) if hasattr(tree, "unfreeze") or type(tree).__name__ == "FrozenDict" else tree
 
 
 def _text_preprocess(tokenizer, max_length: int, pad_id: int):
@@ -126,7 +139,7 @@ def _default_buckets(max_length: int) -> tuple[int, ...]:
 def hf_adapter(family: str, *, path: str | None = None, config: Any = None, seed: int = 0,
                tokenizer: Any = None, pooling: str | None = None, max_length: int = 64,
                image_mean=None, image_std=None, name: str | None = None,
-               label_kwargs: dict | None = None, model: Any = None) -> ModelAdapter:
+               label_kwargs: dict | None = None, model: Any = None, params: Any = None) -> ModelAdapter:
     """A :class:`ModelAdapter` around a HF Flax encoder.
 
     Args:
@@ -139,6 +152,7 @@ def hf_adapter(family: str, *, path: str | None = None, config: Any = None, seed
       image_mean, image_std: vision: per-channel normalisation on the 0..1 scale.
       name: adapter name (default: the family).
       label_kwargs: keyword arguments for :func:`bmm_jax.labels.build_labels`.
+      model, params: an already loaded ``(model, params)`` pair (skips loading).
 
     Returns:
       The adapter; ``feature_dim`` is the hidden size.
@@ -153,11 +167,12 @@ def hf_adapter(family: str, *, path: str | None = None, config: Any = None, seed
     if pooling == "last" and family in VISION_FAMILIES:
         raise ValueError("pooling='last' is for causal text models")
     if model is None:
-        model = load_hf_model(family, path=path, config=config, seed=seed,
-                              add_pooling_layer=(pooling == "pooler"))
+        model, params = load_hf_model(family, path=path, config=config, seed=seed,
+                                      add_pooling_layer=(pooling == "pooler"))
+    elif params is None:
+        params = model.params
     cfg = model.config
     module = model.module
-    params = model.params
     from bmm_jax.labels import build_labels
     labels = build_labels(params, **(label_kwargs or {}))
     info = {"family": family, "source": os.fspath(path) if path is not None else "config",
@@ -209,7 +224,7 @@ def hf_adapter(family: str, *, path: str | None = None, config: Any = None, seed
             call_args=call_args, pool=pool, preprocess_fn=_text_preprocess(tokenizer, max_length, pad_id),
             labels=labels, token_mask_fn=lambda b: jnp.asarray(b["attention_mask"]) > 0,
             preprocess_key=f"{family}:{info['source']}:{tok_name}:len{max_length}",
-            length_buckets=_default_buckets(max_length), info=info)
+            length_buckets=_default_buckets(max_length), info=info, dtype_promotion="standard")
 
     size = int(cfg.image_size)
     mean = image_mean if image_mean is not None else _IMAGE_NORM[family][0]
@@ -222,7 +237,8 @@ def hf_adapter(family: str, *, path: str | None = None, config: Any = None, seed
         name=name or family, module=module, params=params, feature_dim=int(cfg.hidden_size),
         call_args=call_args_img, pool=pool, preprocess_fn=_image_preprocess(size, mean, std),
         labels=labels, token_mask_fn=None,
-        preprocess_key=f"{family}:{info['source']}:{size}px:{tuple(mean)}:{tuple(std)}", info=info)
+        preprocess_key=f"{family}:{info['source']}:{size}px:{tuple(mean)}:{tuple(std)}", info=info,
+        dtype_promotion="standard")
 
 
 def _try_tokenizer(path: str):

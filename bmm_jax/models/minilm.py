@@ -39,9 +39,9 @@ def model_path() -> str:
 def _load(path: str):
     from transformers import AutoTokenizer
     from bmm_jax.models.hf import load_hf_model
-    model = load_hf_model("bert", path=path, add_pooling_layer=False)
+    model, params = load_hf_model("bert", path=path, add_pooling_layer=False)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return model, tok
+    return model, params, tok
 
 
 def minilm_adapter(max_length: int = 64, *, path: str | None = None,
@@ -59,8 +59,8 @@ def minilm_adapter(max_length: int = 64, *, path: str | None = None,
       A :class:`ModelAdapter` with ``feature_dim = 384`` and params (θ0) in float32.
     """
     path = os.fspath(path) if path is not None else model_path()
-    model, tok = _load(path)
-    return hf_adapter("bert", model=model, path=path, tokenizer=tok, pooling="mean",
+    model, params, tok = _load(path)
+    return hf_adapter("bert", model=model, params=params, path=path, tokenizer=tok, pooling="mean",
                       max_length=max_length, name="minilm", label_kwargs=label_kwargs)
 
 

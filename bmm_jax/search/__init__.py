@@ -150,7 +150,8 @@ def _setup_jax_cache(d: str | None) -> None:
     if jax.config.jax_compilation_cache_dir:
         return
     if d == "auto":
-        d = os.environ.get("BMM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bmm_jax", "jax")
+        root = os.environ.get("BMM_JAX_CACHE") or os.path.join("~", ".cache", "bmm_jax")
+        d = os.path.join(os.path.expanduser(root), "jax")
     try:
         os.makedirs(d, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", d)
@@ -181,7 +182,7 @@ def _resolve(prep, params_fn, labels):
         if labels is None:
             labels = getattr(prep, "labels", None)
     if params_fn is None or not callable(params_fn):
-        raise ValueError("search needs the merge fast path: prep=bmm_jax.merge.prepare(...) "
+        raise ValueError("search needs the merge fast path: prep=bmm_jax.prepare(...) "
                          "(or params_fn=hparams -> params and labels=...)")
     if labels is None:
         raise ValueError("search needs the label tree: prep.labels or labels=...")
@@ -201,7 +202,7 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
     """Module-wise Bayesian optimisation of BMM's ``(rho, s)`` per group (method.md §4).
 
     Args:
-      prep: the merge fast path (``bmm_jax.merge.prepare(...)``): ``prep.labels`` (label tree) and
+      prep: the merge fast path (``bmm_jax.prepare(...)``): ``prep.labels`` (label tree) and
         ``prep.params(hparams, **extras) -> merged params``. The search passes per-module
         ``hparams = {module path: {"rho": rho, "scale": s}}`` and the extras (``anchor_scale``,
         ``beta``, ...) as keyword arguments.

@@ -149,6 +149,9 @@ def plot_hparams_by_depth(path: str, space: SearchSpace, point: Mapping[str, flo
     axes[1, 0].set_ylabel("scale s")
     axes[1, 0].set_ylim(*_pad(space.scale_range))
     axes[1, 0].set_xlabel("depth (block; -1: outside blocks)")
+    from matplotlib.ticker import MaxNLocator
+    for ax in axes[:, 0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[:, 0]:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7, ncol=4, loc="lower left")

@@ -125,7 +125,7 @@ class SearchConfig:
         study instead of at every power of 2.
       jax_cache_dir: persistent JAX compilation cache directory, set only if JAX has none yet
         (saves ~3 s of the first GP suggestion in each later process); ``"auto"`` is
-        ``$BMM_JAX_CACHE`` or ``~/.cache/bmm_jax/jax``; ``None`` leaves JAX's setting alone.
+        ``<bmm_jax cache>/jax`` (``$BMM_JAX_CACHE/jax`` or ``~/.cache/bmm_jax/jax``); ``None`` leaves JAX's setting alone.
       study_id: Vizier study id inside the run directory's SQLite datastore.
     """
     grouping: str = "type"

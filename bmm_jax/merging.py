@@ -1,0 +1,491 @@
+"""BMM at pytree level (method.md §2): every regressed module solved in closed form.
+
+``merge(base, experts, anchor, grams, hparams)`` returns a :class:`MergeResult` ``(params,
+diagnostics)``. ``prepare(...)`` factors every module once (``S = Q diag(e) Q^T``) and returns a
+:class:`Prepared` whose ``.params(hparams)`` re-solves the whole model for new ``(rho, scale)`` in
+one batched matmul per module shape (the outer loop's fast path).
+
+Conventions
+-----------
+* Per module (2-D view ``[d_in, d_out]`` of the label tree): ``T_k = W_k - W_0``, ``T_a = W_a - W_0``,
+  ``S = sum_k w_k G_k``, ``B = sum_k w_k G_k T_k``, ``lambda = rho tr(S) / d_in`` and
+  ``W = W_0 + s (S + lambda I)^{-1} (B + lambda T_a)``.
+* Modules of the same ``(d_in, d_out)`` are stacked on a leading axis, sharded over every device
+  (:mod:`bmm_jax.sharding`) and solved by one jitted, vmapped Cholesky (or eigen) kernel.
+* Carried leaves (not regressed) come from the anchor (``carry="anchor"``, default), from the base
+  (``"base"``), or from ``theta_0 + mean_k tau_k`` (``"mean"``). A regressed module that no expert
+  changed is carried from the base unchanged (partially fine-tuned experts).
+* ``hparams``: ``{"rho": r, "scale": s}`` for every module, or a mapping from group labels to such
+  dicts. A module's entry is looked up, most specific first, under: its leaf path, its module path
+  (without ``/kernel``), its block (``"block3"``), its kind (``"q"``, ``"mlp-in"``...), then
+  ``"global"`` / ``"default"``. ``scale`` defaults to 1.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bmm_jax._tree import PyTree, check_experts, leaves_with_paths
+from bmm_jax.grams._base import Grams
+from bmm_jax.labels import Label, build_labels, label_list
+from bmm_jax.sharding import module_mesh, shard_stack
+from bmm_jax.solve import (HIGHEST, EigenFactors, check_prior, check_rho, eigen_factors_stacked,
+                           is_singular, normal_equations, normal_equations_factored,
+                           solve_stacked_diagonal, solve_stacked_isotropic)
+
+CARRY = ("anchor", "base", "mean")
+FALLBACK_KEYS = ("global", "default")
+
+
+class MergeResult(NamedTuple):
+    """``params``: merged pytree (structure and dtypes of ``base``). ``diagnostics``: a dict with
+    ``"modules"`` (``{path: {kind, block, shape, rho, lambda, scale, carried, delta_norm,
+    anchor_distance}}``), ``"carry"``, ``"prior"``, ``"num_experts"``, ``"devices"``, ``"seconds"``."""
+    params: PyTree
+    diagnostics: dict
+
+
+# ------------------------------------------------------------------------------ hparams
+def _is_single(h: Mapping) -> bool:
+    return "rho" in h and not isinstance(h["rho"], Mapping)
+
+
+def _check_entry(entry, where: str) -> tuple[float, float]:
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"hparams{where} must be a dict like {{'rho': 0.3, 'scale': 1.0}}, got "
+                        f"{type(entry).__name__}")
+    unknown = set(entry) - {"rho", "scale"}
+    if unknown:
+        raise ValueError(f"hparams{where} has unknown keys {sorted(unknown)}; expected 'rho' and "
+                         "optionally 'scale'")
+    if "rho" not in entry:
+        raise ValueError(f"hparams{where} has no 'rho'")
+    try:
+        rho = float(entry["rho"])
+        scale = float(entry.get("scale", 1.0))
+    except (TypeError, ValueError):
+        raise TypeError(f"hparams{where}: rho and scale must be numbers, got {dict(entry)}") from None
+    check_rho(rho, where=f" (hparams{where})")
+    if not math.isfinite(scale):
+        raise ValueError(f"hparams{where}: scale must be finite, got {scale}")
+    return rho, scale
+
+
+def module_keys(label: Label) -> tuple[str, ...]:
+    """Lookup keys of a module's hyperparameters, most specific first."""
+    keys = [label.path]
+    if label.path.endswith("/kernel"):
+        keys.append(label.path[: -len("/kernel")])
+    if label.block is not None:
+        keys.append(f"block{label.block}")
+    keys.append(label.kind)
+    return tuple(keys) + FALLBACK_KEYS
+
+
+def resolve_hparams(hparams: Mapping, labels: PyTree) -> dict[str, tuple[float, float]]:
+    """``{module path: (rho, scale)}`` for every regressed module of ``labels``.
+
+    Raises:
+      ValueError / TypeError: ``rho < 0``, a key that names no module or group, or a module with
+      no entry (and no ``"global"`` fallback).
+    """
+    mods = [l for l in label_list(labels) if l.regressed]
+    if not isinstance(hparams, Mapping):
+        raise TypeError(f"hparams must be a dict, got {type(hparams).__name__}")
+    if _is_single(hparams):
+        rho, scale = _check_entry(hparams, "")
+        return {l.path: (rho, scale) for l in mods}
+    if not hparams:
+        raise ValueError("hparams is empty; pass {'rho': ..., 'scale': ...} or a group mapping")
+    entries = {str(k): _check_entry(v, f"[{k!r}]") for k, v in hparams.items()}
+    known = set(FALLBACK_KEYS)
+    for l in mods:
+        known.update(module_keys(l))
+    unknown = sorted(set(entries) - known)
+    if unknown:
+        raise ValueError(f"hparams keys {unknown[:5]} name no regressed module, block or kind; "
+                         f"known kinds: {sorted({l.kind for l in mods})}, e.g. module "
+                         f"'{mods[0].path if mods else '?'}'")
+    out = {}
+    for l in mods:
+        hit = next((entries[k] for k in module_keys(l) if k in entries), None)
+        if hit is None:
+            raise ValueError(f"module '{l.path}' (kind {l.kind}, block {l.block}) has no hparams "
+                             f"entry; add one for it or a 'global' entry")
+        out[l.path] = hit
+    return out
+
+
+# ------------------------------------------------------------------------------ inputs
+def resolve_anchor(anchor, base: PyTree, experts: Sequence[PyTree], *, grams=None,
+                   labels: PyTree | None = None) -> PyTree:
+    """Anchor params from a params pytree, an object with ``.params``, or an anchor name."""
+    if isinstance(anchor, str):
+        from bmm_jax import anchors
+        fn = anchors.get(anchor)
+        if anchor == "regmean":
+            if grams is None:
+                raise ValueError("anchor 'regmean' needs activation Grams (grams=...)")
+            anchor = fn(base, experts, grams=grams, labels=labels)
+        elif anchor in ("wudi", "regmean", "tsv", "iso_c", "iso_cts"):
+            anchor = fn(base, experts, labels=labels) if labels is not None else fn(base, experts)
+        else:
+            anchor = fn(base, experts)
+    if hasattr(anchor, "params") and not isinstance(anchor, Mapping):
+        anchor = anchor.params
+    check_experts(base, [anchor], min_experts=1)
+    return anchor
+
+
+def _check_labels(labels: PyTree, base: PyTree) -> list[Label]:
+    lab = label_list(labels)
+    paths = [p for p, _ in leaves_with_paths(base)]
+    if [l.path for l in lab] != paths:
+        raise ValueError(f"the label tree does not match base: {len(lab)} labels vs {len(paths)} leaves "
+                         "(build it with bmm_jax.labels.build_labels(base))")
+    return lab
+
+
+def _weights(weights, k: int) -> jax.Array:
+    if weights is None:
+        return jnp.ones((k,), jnp.float32)
+    w = np.asarray(weights, np.float64)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},) (one per expert), got {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or not np.any(w > 0):
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {w.tolist()}")
+    return jnp.asarray(w, jnp.float32)
+
+
+def _gram_lookup(grams, path: str, k: int, label: Label):
+    """``("factor", F [K,d,r])`` or ``("dense", G [K,d,d])`` for one module."""
+    if isinstance(grams, Grams):
+        if path not in grams.key_of:
+            raise ValueError(f"grams have no entry for regressed module '{path}' (kind {grams.kind}); "
+                             "estimate them with the same label tree")
+        f = grams.factor(path)
+        if f is not None:
+            f = jnp.asarray(f, jnp.float32)
+            if f.shape[:2] != (k, label.d_in):
+                raise ValueError(f"Gram factor of '{path}' has shape {f.shape}, expected [{k}, {label.d_in}, r]")
+            return "factor", f
+        g = grams[path]
+    else:
+        if path not in grams:
+            raise ValueError(f"grams have no entry for regressed module '{path}'")
+        g = grams[path]
+    g = jnp.asarray(g)
+    if g.shape != (k, label.d_in, label.d_in):
+        raise ValueError(f"Gram of '{path}' has shape {g.shape}, expected [K, d_in, d_in] = "
+                         f"{(k, label.d_in, label.d_in)}")
+    if not jnp.issubdtype(g.dtype, jnp.floating):
+        raise TypeError(f"Gram of '{path}' has dtype {g.dtype}, expected floating")
+    if not bool(jnp.all(jnp.isfinite(g))):
+        raise ValueError(f"Gram of '{path}' has NaN/Inf values")
+    return "dense", g.astype(jnp.float32)
+
+
+@jax.jit
+def _task_kernels(base_leaf, expert_leaves):
+    b = base_leaf.astype(jnp.float32)
+    return jnp.stack([e.astype(jnp.float32) - b for e in expert_leaves])
+
+
+class ModuleStats(NamedTuple):
+    """Normal-equation statistics of one regressed module: ``S [d,d]``, ``B [d,do]``, ``T_a [d,do]``."""
+    label: Label
+    s: jax.Array
+    b: jax.Array
+    ta: jax.Array
+
+
+def module_statistics(base: PyTree, experts: Sequence[PyTree], anchor: PyTree, grams, labels: PyTree,
+                      weights=None) -> tuple[list[ModuleStats], list[str]]:
+    """``S, B, T_a`` of every regressed module (task kernels formed one module at a time, so peak
+    memory is one module's ``[K, d_in, d_out]`` on top of the inputs).
+
+    Returns:
+      ``(stats, unchanged)``: statistics of the modules to solve, and paths of regressed modules
+      that every expert left unchanged (carried from the base).
+    """
+    lab = _check_labels(labels, base)
+    k = len(experts)
+    w = _weights(weights, k)
+    base_leaves = [x for _, x in leaves_with_paths(base)]
+    anchor_leaves = jax.tree_util.tree_leaves(anchor)
+    expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
+    stats, unchanged = [], []
+    for i, l in enumerate(lab):
+        if not l.regressed:
+            continue
+        t = l.to_matrix(_task_kernels(base_leaves[i], [e[i] for e in expert_leaves]))
+        if not bool(jnp.any(t != 0)):
+            unchanged.append(l.path)
+            continue
+        how, g = _gram_lookup(grams, l.path, k, l)
+        s, b = (normal_equations_factored if how == "factor" else normal_equations)(t, g, w)
+        ta = l.to_matrix(jnp.asarray(anchor_leaves[i], jnp.float32) - jnp.asarray(base_leaves[i], jnp.float32))
+        if float(jnp.trace(s)) <= 0.0:
+            raise ValueError(f"singular system at module '{l.path}': every Gram is zero there (S = 0), "
+                             "although the experts changed it; check the Gram estimation")
+        stats.append(ModuleStats(l, s, b, ta))
+    return stats, unchanged
+
+
+def _carried_leaf(mode: str, base_leaf, anchor_leaf, expert_leaves, anchor_scale: float = 1.0):
+    if mode == "anchor":
+        if anchor_scale == 1.0:
+            return anchor_leaf
+        b = jnp.asarray(base_leaf)
+        if not jnp.issubdtype(b.dtype, jnp.floating):
+            return anchor_leaf
+        return (b.astype(jnp.float32) + anchor_scale * (jnp.asarray(anchor_leaf, jnp.float32)
+                                                        - b.astype(jnp.float32))).astype(b.dtype)
+    if mode == "base":
+        return base_leaf
+    b = jnp.asarray(base_leaf)
+    if not jnp.issubdtype(b.dtype, jnp.floating):
+        return base_leaf
+    t = _task_kernels(b, list(expert_leaves))
+    return (b.astype(jnp.float32) + jnp.mean(t, axis=0)).astype(b.dtype)
+
+
+def _check_carry(carry: str) -> None:
+    if carry not in CARRY:
+        raise ValueError(f"unknown carry mode {carry!r}; expected one of {CARRY}")
+
+
+def _shape_groups(stats: Sequence[ModuleStats]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for j, st in enumerate(stats):
+        groups.setdefault((st.label.d_in, st.label.d_out), []).append(j)
+    return groups
+
+
+def _assemble(base: PyTree, labels: PyTree, anchor: PyTree, experts, deltas: Mapping[str, jax.Array],
+              carry: str, anchor_scale: float = 1.0) -> PyTree:
+    lab = label_list(labels)
+    base_leaves, treedef = jax.tree_util.tree_flatten(base)
+    anchor_leaves = jax.tree_util.tree_leaves(anchor)
+    expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
+    out = []
+    for i, (l, b) in enumerate(zip(lab, base_leaves)):
+        if l.regressed and l.path in deltas:
+            bl = jnp.asarray(b)
+            out.append((bl.astype(jnp.float32) + l.from_matrix(deltas[l.path])).astype(bl.dtype))
+        elif l.regressed:          # no expert changed it
+            out.append(b)
+        else:
+            out.append(_carried_leaf(carry, b, anchor_leaves[i], [e[i] for e in expert_leaves], anchor_scale))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _diag(st: ModuleStats, rho: float, scale: float, delta: jax.Array) -> dict:
+    lam = rho * float(jnp.trace(st.s)) / st.label.d_in
+    dn = float(jnp.linalg.norm(delta))
+    ta = float(jnp.linalg.norm(st.ta))
+    return {"kind": st.label.kind, "block": st.label.block, "shape": [st.label.d_in, st.label.d_out],
+            "rho": rho, "lambda": lam, "scale": scale, "carried": False, "delta_norm": dn,
+            "anchor_distance": float(jnp.linalg.norm(delta - scale * st.ta)) / max(ta, 1e-30)}
+
+
+# ------------------------------------------------------------------------------ merge
+def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: Mapping | None = None,
+          labels: PyTree | None = None, *, carry: str = "anchor", prior: str = "isotropic",
+          weights=None, devices=None) -> MergeResult:
+    """Bayesian Model Merging of ``experts`` around ``anchor`` (method.md §2).
+
+    Args:
+      base: pretrained params ``theta_0`` (a pytree of arrays).
+      experts: list of K >= 2 fine-tuned params pytrees with the structure, shapes and dtypes of
+        ``base``.
+      anchor: the anchor merge: a params pytree, an object with ``.params``, or the name of an
+        anchor in :mod:`bmm_jax.anchors` (computed with its default options).
+      grams: per-module Grams ``[K, d_in, d_in]``: a :class:`bmm_jax.grams.Grams` (any of
+        ``data_free`` / ``activations`` / ``hybrid``) or a dict ``{module path: array}``.
+        ``None``: data-free Grams (§3.2).
+      hparams: ``{"rho": 0.3, "scale": 1.0}`` for all modules, or a mapping from group labels
+        (module path, ``"block3"``, kind, ``"global"``) to such dicts (see the module docstring).
+        Default ``{"rho": 1.0, "scale": 1.0}``.
+      labels: label tree (default :func:`bmm_jax.labels.build_labels(base) <build_labels>`).
+      carry: where carried (non-regressed) leaves come from: ``"anchor"``, ``"base"``, ``"mean"``.
+      prior: ``"isotropic"`` or ``"diagonal"``.
+      weights: ``[K]`` task weights (default 1).
+      devices: devices to shard module stacks over (default all).
+
+    Returns:
+      :class:`MergeResult` ``(params, diagnostics)``.
+
+    Raises:
+      ValueError / TypeError: invalid experts (naming the leaf and the problem), unknown anchor /
+      carry / prior, bad hparams (``rho < 0``...), Grams missing or misshapen for a module, or a
+      singular system (``rho = 0`` and a rank-deficient ``S``; the module is named).
+    """
+    t0 = time.perf_counter()
+    experts = check_experts(base, experts)
+    _check_carry(carry)
+    check_prior(prior)
+    labels = build_labels(base) if labels is None else labels
+    _check_labels(labels, base)
+    hp = resolve_hparams({"rho": 1.0, "scale": 1.0} if hparams is None else hparams, labels)
+    anchor = resolve_anchor(anchor, base, experts, grams=grams, labels=labels)
+    if grams is None:
+        from bmm_jax.grams.data_free import data_free
+        grams = data_free(base, experts, labels)
+    stats, unchanged = module_statistics(base, experts, anchor, grams, labels, weights)
+    for st in stats:
+        if hp[st.label.path][0] == 0.0 and is_singular(st.s):
+            raise ValueError(f"singular system at module '{st.label.path}' ({st.label.d_in} x "
+                             f"{st.label.d_out}): rho = 0 and the weighted Gram S is rank-deficient; "
+                             "use rho > 0 (the anchor prior regularises it)")
+    mesh = module_mesh(devices)
+    solver = solve_stacked_diagonal if prior == "diagonal" else solve_stacked_isotropic
+    deltas, diags = {}, {}
+    for shape, idx in _shape_groups(stats).items():
+        m = len(idx)
+        s = shard_stack([stats[j].s for j in idx], mesh)
+        b = shard_stack([stats[j].b for j in idx], mesh)
+        ta = shard_stack([stats[j].ta for j in idx], mesh)
+        rho = shard_stack(jnp.asarray([hp[stats[j].label.path][0] for j in idx], jnp.float32), mesh)
+        sc = shard_stack(jnp.asarray([hp[stats[j].label.path][1] for j in idx], jnp.float32), mesh)
+        out = solver(s, b, ta, rho, sc)[:m]
+        finite = np.asarray(jnp.all(jnp.isfinite(out), axis=(1, 2)))
+        for pos, j in enumerate(idx):
+            path = stats[j].label.path
+            if not finite[pos]:
+                raise ValueError(f"singular system at module '{path}': the solve produced NaN/Inf "
+                                 f"(rho = {hp[path][0]}); increase rho")
+            deltas[path] = out[pos]
+            diags[path] = _diag(stats[j], *hp[path], out[pos])
+    for path in unchanged:
+        diags[path] = {"carried": True, "reason": "no expert changed this module"}
+    params = _assemble(base, labels, anchor, experts, deltas, carry)
+    return MergeResult(params, {"modules": diags, "carry": carry, "prior": prior,
+                                "num_experts": len(experts), "devices": int(mesh.devices.size),
+                                "seconds": time.perf_counter() - t0})
+
+
+# ------------------------------------------------------------------------------ fast path
+def _resolve_one(f: EigenFactors, rho, scale, c):
+    lam = rho * f.mean_e
+    inner = (f.qtb + (lam * c) * f.qtta) / (f.e + lam)[:, None]
+    return scale * jnp.matmul(f.q, inner, precision=HIGHEST)
+
+
+_resolve_stacked = jax.jit(jax.vmap(_resolve_one, in_axes=(0, 0, 0, None)))
+
+
+class _Stack(NamedTuple):
+    paths: tuple[str, ...]
+    factors: Any          # EigenFactors (isotropic) or (S, B, Ta) (diagonal), stacked, sharded
+
+
+class Prepared:
+    """Factored modules for repeated merges with new hyperparameters (outer-loop fast path).
+
+    Attributes:
+      labels: the label tree. ``modules``: paths of the modules that are solved.
+    Call :meth:`params` (merged pytree) or :meth:`merge` (:class:`MergeResult`).
+    """
+
+    def __init__(self, base, experts, anchor, labels, stacks, unchanged, carry, prior, mesh, stats_diag):
+        self.base, self.experts, self.anchor, self.labels = base, experts, anchor, labels
+        self._stacks, self.unchanged, self.carry, self.prior, self._mesh = stacks, unchanged, carry, prior, mesh
+        self._lambda_unit = stats_diag           # {path: tr(S)/d_in}
+        self.modules = tuple(p for st in stacks for p in st.paths)
+        self._carried_cache: dict[float, PyTree] = {}
+
+    def deltas(self, hparams: Mapping, *, anchor_scale: float = 1.0) -> dict[str, jax.Array]:
+        """``{path: s * Delta [d_in, d_out]}`` for every solved module."""
+        hp = resolve_hparams(hparams, self.labels)
+        c = float(anchor_scale)
+        if not math.isfinite(c):
+            raise ValueError(f"anchor_scale must be finite, got {anchor_scale}")
+        out = {}
+        for st in self._stacks:
+            m = len(st.paths)
+            rho = shard_stack(jnp.asarray([hp[p][0] for p in st.paths], jnp.float32), self._mesh)
+            sc = shard_stack(jnp.asarray([hp[p][1] for p in st.paths], jnp.float32), self._mesh)
+            if self.prior == "isotropic":
+                if any(hp[p][0] == 0.0 for p in st.paths):
+                    bad = [p for p in st.paths if hp[p][0] == 0.0 and float(jnp.min(
+                        st.factors.e[st.paths.index(p)])) <= 1e-7 * float(st.factors.mean_e[st.paths.index(p)])]
+                    if bad:
+                        raise ValueError(f"singular system at module '{bad[0]}': rho = 0 and S is "
+                                         "rank-deficient; use rho > 0")
+                res = _resolve_stacked(st.factors, rho, sc, jnp.float32(c))[:m]
+            else:
+                s, b, ta = st.factors
+                res = solve_stacked_diagonal(s, b, c * ta, rho, sc)[:m]
+            for pos, p in enumerate(st.paths):
+                out[p] = res[pos]
+        return out
+
+    def params(self, hparams: Mapping, *, anchor_scale: float = 1.0) -> PyTree:
+        """Merged params for ``hparams`` (any form accepted by :func:`merge`). ``anchor_scale``
+        multiplies the anchor's task vector (in the prior mean and in carried leaves)."""
+        return _assemble(self.base, self.labels, self.anchor, self.experts,
+                         self.deltas(hparams, anchor_scale=anchor_scale), self.carry, float(anchor_scale))
+
+    def merge(self, hparams: Mapping, *, anchor_scale: float = 1.0) -> MergeResult:
+        t0 = time.perf_counter()
+        hp = resolve_hparams(hparams, self.labels)
+        d = self.deltas(hparams, anchor_scale=anchor_scale)
+        diags = {p: {"rho": hp[p][0], "scale": hp[p][1], "lambda": hp[p][0] * self._lambda_unit[p],
+                     "carried": False, "delta_norm": float(jnp.linalg.norm(x))} for p, x in d.items()}
+        for p in self.unchanged:
+            diags[p] = {"carried": True, "reason": "no expert changed this module"}
+        params = _assemble(self.base, self.labels, self.anchor, self.experts, d, self.carry, float(anchor_scale))
+        return MergeResult(params, {"modules": diags, "carry": self.carry, "prior": self.prior,
+                                    "num_experts": len(self.experts), "devices": int(self._mesh.devices.size),
+                                    "seconds": time.perf_counter() - t0})
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{len(s.paths)}x{tuple(s.factors[2].shape[1:])}" for s in self._stacks)
+        return f"Prepared({len(self.modules)} modules [{shapes}], prior={self.prior}, carry={self.carry})"
+
+
+def prepare(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, labels: PyTree | None = None, *,
+            carry: str = "anchor", prior: str = "isotropic", weights=None, devices=None,
+            progress: bool = False) -> Prepared:
+    """Factor every regressed module once for fast re-solves (method.md §2, "fast path").
+
+    Arguments as in :func:`merge` (no ``hparams``). With the isotropic prior each module keeps
+    ``EigenFactors`` (``S = Q diag(e) Q^T``, ``Q^T B``, ``Q^T T_a``); a re-solve is then one
+    batched matmul per module shape. With ``prior="diagonal"`` the stacked ``S, B, T_a`` are kept
+    and each re-solve is a batched Cholesky.
+    """
+    experts = check_experts(base, experts)
+    _check_carry(carry)
+    check_prior(prior)
+    labels = build_labels(base) if labels is None else labels
+    _check_labels(labels, base)
+    anchor = resolve_anchor(anchor, base, experts, grams=grams, labels=labels)
+    if grams is None:
+        from bmm_jax.grams.data_free import data_free
+        grams = data_free(base, experts, labels)
+    stats, unchanged = module_statistics(base, experts, anchor, grams, labels, weights)
+    mesh = module_mesh(devices)
+    stacks = []
+    groups = _shape_groups(stats).items()
+    if progress:
+        from tqdm.auto import tqdm
+        groups = tqdm(list(groups), desc="eigen factors", unit="shape")
+    for shape, idx in groups:
+        s = shard_stack([stats[j].s for j in idx], mesh)
+        b = shard_stack([stats[j].b for j in idx], mesh)
+        ta = shard_stack([stats[j].ta for j in idx], mesh)
+        paths = tuple(stats[j].label.path for j in idx)
+        stacks.append(_Stack(paths, eigen_factors_stacked(s, b, ta) if prior == "isotropic" else (s, b, ta)))
+    unit = {st.label.path: float(jnp.trace(st.s)) / st.label.d_in for st in stats}
+    return Prepared(base, experts, anchor, labels, stacks, unchanged, carry, prior, mesh, unit)
+
+
+__all__ = ["merge", "prepare", "Prepared", "MergeResult", "resolve_hparams", "resolve_anchor",
+           "module_statistics", "module_keys", "CARRY"]

@@ -1,0 +1,194 @@
+"""The inner level of BMM (method.md §2): the anchored closed-form regression for one module.
+
+Conventions (Flax ``Dense``): kernels are ``[d_in, d_out]``; task kernels ``T_k = W_k - W_0``;
+Grams ``G_k = X_k^T X_k / n_k`` are ``[d_in, d_in]``; the anchor enters as its task vector
+``T_a = W_a - W_0``. With task weights ``w_k``::
+
+    S = sum_k w_k G_k                         [d_in, d_in]
+    B = sum_k w_k G_k T_k                     [d_in, d_out]
+    lambda = rho * tr(S) / d_in               (relative prior strength rho >= 0)
+    Delta = (S + lambda P)^{-1} (B + lambda P T_a)
+    result = scale * Delta                    (W_merged = W_0 + result)
+
+with ``P = I`` (``prior="isotropic"``) or ``P = diag(S) / mean(diag S)`` (``prior="diagonal"``).
+Grams are accumulated with ``Precision.HIGHEST``; the system is solved by Cholesky (never an
+explicit inverse). The eigen fast path factors ``S = Q diag(e) Q^T`` once, after which each new
+``(rho, scale)`` costs one matmul: ``Delta = Q diag(1/(e + lambda)) (Q^T B + lambda Q^T T_a)``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PRIORS = ("isotropic", "diagonal")
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def check_rho(rho, where: str = "") -> None:
+    r = np.asarray(rho, dtype=np.float64)
+    if not np.all(np.isfinite(r)):
+        raise ValueError(f"rho must be finite{where}, got {rho}")
+    if np.any(r < 0):
+        raise ValueError(f"rho must be >= 0{where}, got {rho}")
+
+
+def check_prior(prior: str) -> None:
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; expected one of {PRIORS}")
+
+
+@jax.jit
+def normal_equations(task_kernels, grams, weights):
+    """``(S, B)`` from ``task_kernels [K,d_in,d_out]``, ``grams [K,d_in,d_in]``, ``weights [K]``."""
+    s = jnp.einsum("k,kij->ij", weights, grams, precision=HIGHEST)
+    b = jnp.einsum("k,kij,kjo->io", weights, grams, task_kernels, precision=HIGHEST)
+    return s, b
+
+
+@jax.jit
+def normal_equations_factored(task_kernels, factors, weights):
+    """``(S, B)`` when ``G_k = F_k F_k^T`` with ``factors [K,d_in,r]`` (no ``[K,d,d]`` formed)."""
+    s = jnp.einsum("k,kir,kjr->ij", weights, factors, factors, precision=HIGHEST)
+    ft = jnp.einsum("kjr,kjo->kro", factors, task_kernels, precision=HIGHEST)
+    b = jnp.einsum("k,kir,kro->io", weights, factors, ft, precision=HIGHEST)
+    return s, b
+
+
+def prior_strength(s, rho):
+    """``lambda = rho * tr(S) / d_in`` (works on stacked ``[..., d, d]``)."""
+    d = s.shape[-1]
+    return rho * jnp.trace(s, axis1=-2, axis2=-1) / d
+
+
+def _solve_one(s, b, ta, rho, scale, diagonal: bool):
+    d = s.shape[-1]
+    lam = prior_strength(s, rho)
+    if diagonal:
+        ds = jnp.diagonal(s)
+        p = ds / jnp.maximum(jnp.mean(ds), jnp.finfo(s.dtype).tiny)
+        a = s + jnp.diag(lam * p)
+        rhs = b + (lam * p)[:, None] * ta
+    else:
+        a = s + lam * jnp.eye(d, dtype=s.dtype)
+        rhs = b + lam * ta
+    c, low = jax.scipy.linalg.cho_factor(a, lower=True)
+    return scale * jax.scipy.linalg.cho_solve((c, low), rhs)
+
+
+@jax.jit
+def _solve_isotropic(s, b, ta, rho, scale):
+    return _solve_one(s, b, ta, rho, scale, False)
+
+
+@jax.jit
+def _solve_diagonal(s, b, ta, rho, scale):
+    return _solve_one(s, b, ta, rho, scale, True)
+
+
+solve_stacked_isotropic = jax.jit(jax.vmap(lambda s, b, ta, r, c: _solve_one(s, b, ta, r, c, False)))
+solve_stacked_diagonal = jax.jit(jax.vmap(lambda s, b, ta, r, c: _solve_one(s, b, ta, r, c, True)))
+
+
+def is_singular(s) -> bool:
+    """True if the PSD matrix ``s`` is numerically singular (smallest eigenvalue below
+    ``d * eps * largest``)."""
+    e = np.linalg.eigvalsh(np.asarray(s, dtype=np.float64))
+    tol = s.shape[-1] * np.finfo(np.float32).eps * max(float(np.abs(e).max()), np.finfo(np.float32).tiny)
+    return bool(e.min() <= tol)
+
+
+def solve_anchored(task_kernels, grams, anchor_kernel, *, rho, scale=1.0, weights=None,
+                   prior: str = "isotropic"):
+    """Closed-form anchored regression of one module (method.md §2).
+
+    Args:
+      task_kernels: ``[K, d_in, d_out]`` task vectors ``T_k = W_k - W_0`` of the module.
+      grams: ``[K, d_in, d_in]`` per-task Gram matrices ``G_k`` (PSD).
+      anchor_kernel: ``[d_in, d_out]`` the anchor's task vector ``T_a = W_a - W_0``.
+      rho: relative prior strength ``>= 0`` (``lambda = rho * tr(S) / d_in``).
+      scale: assembly scale ``s``.
+      weights: ``[K]`` non-negative task weights (default all 1).
+      prior: ``"isotropic"`` or ``"diagonal"``.
+
+    Returns:
+      ``scale * Delta``, ``[d_in, d_out]`` float32, in task-vector space (``W = W_0 + result``).
+
+    Raises:
+      ValueError: bad shapes, ``rho < 0``, an unknown prior, non-finite input, or a singular
+      system (``rho = 0`` with a rank-deficient ``S``).
+    """
+    check_prior(prior)
+    check_rho(rho)
+    t = jnp.asarray(task_kernels)
+    g = jnp.asarray(grams)
+    ta = jnp.asarray(anchor_kernel)
+    if t.ndim != 3:
+        raise ValueError(f"task_kernels must be [K, d_in, d_out], got shape {t.shape}")
+    k, d_in, d_out = t.shape
+    if g.shape != (k, d_in, d_in):
+        raise ValueError(f"grams must be [K, d_in, d_in] = {(k, d_in, d_in)}, got shape {g.shape}")
+    if ta.shape != (d_in, d_out):
+        raise ValueError(f"anchor_kernel must be [d_in, d_out] = {(d_in, d_out)}, got shape {ta.shape}")
+    for name, x in (("task_kernels", t), ("grams", g), ("anchor_kernel", ta)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+        if not bool(jnp.all(jnp.isfinite(x))):
+            raise ValueError(f"{name} has non-finite values")
+    dtype = jnp.promote_types(jnp.float32, jnp.result_type(t.dtype, g.dtype, ta.dtype))
+    if weights is None:
+        w = jnp.ones((k,), dtype)
+    else:
+        w = jnp.asarray(weights, dtype)
+        if w.shape != (k,):
+            raise ValueError(f"weights must have shape ({k},), got {w.shape}")
+        if bool(jnp.any(w < 0)) or not bool(jnp.all(jnp.isfinite(w))):
+            raise ValueError(f"weights must be finite and >= 0, got {np.asarray(w)}")
+    s, b = normal_equations(t.astype(dtype), g.astype(dtype), w)
+    if float(rho) == 0.0 and is_singular(s):
+        raise ValueError("singular system: rho = 0 and the weighted Gram S is rank-deficient "
+                         f"(d_in = {d_in}); use rho > 0 (the anchor prior regularises it)")
+    if float(jnp.trace(s)) == 0.0:
+        raise ValueError("singular system: every Gram is zero, so S = 0 and lambda = rho tr(S)/d_in = 0")
+    fn = _solve_diagonal if prior == "diagonal" else _solve_isotropic
+    return fn(s, b, ta.astype(dtype), jnp.asarray(rho, dtype), jnp.asarray(scale, dtype))
+
+
+class EigenFactors(NamedTuple):
+    """Eigen factors for repeated solves of a (stack of) module(s); leading axes are batch axes.
+
+    ``q [..., d, d]``, ``e [..., d]`` (eigenvalues of ``S``, clipped at 0), ``qtb [..., d, d_out]``,
+    ``qtta [..., d, d_out]``, ``mean_e [...] = tr(S)/d``.
+    """
+    q: jax.Array
+    e: jax.Array
+    qtb: jax.Array
+    qtta: jax.Array
+    mean_e: jax.Array
+
+
+def _factor_one(s, b, ta):
+    e, q = jnp.linalg.eigh(s)
+    e = jnp.maximum(e, 0.0)
+    qt = q.T
+    return EigenFactors(q, e, jnp.matmul(qt, b, precision=HIGHEST), jnp.matmul(qt, ta, precision=HIGHEST),
+                        jnp.trace(s) / s.shape[-1])
+
+
+eigen_factors = jax.jit(_factor_one)
+eigen_factors.__doc__ = "EigenFactors of one module from ``S [d,d]``, ``B [d,do]``, ``T_a [d,do]``."
+eigen_factors_stacked = jax.jit(jax.vmap(_factor_one))
+
+
+def _resolve_one(f: EigenFactors, rho, scale):
+    lam = rho * f.mean_e
+    inner = (f.qtb + lam * f.qtta) / (f.e + lam)[:, None]
+    return scale * jnp.matmul(f.q, inner, precision=HIGHEST)
+
+
+solve_from_factors = jax.jit(_resolve_one)
+solve_from_factors.__doc__ = ("Fast path: ``scale * Delta(rho)`` from :class:`EigenFactors` in one matmul "
+                              "(isotropic prior).")
+solve_from_factors_stacked = jax.jit(jax.vmap(_resolve_one))
