@@ -41,6 +41,7 @@ from bmm_jax.solve import (HIGHEST, EigenFactors, check_prior, check_rho, eigen_
 
 CARRY = ("anchor", "base", "mean")
 FALLBACK_KEYS = ("global", "default")
+KIND_ALIASES = {"attn-out": ("out", "attn_out", "o"), "mlp-in": ("mlp_in", "fc1"), "mlp-out": ("mlp_out", "fc2")}
 
 
 class MergeResult(NamedTuple):
@@ -85,6 +86,7 @@ def module_keys(label: Label) -> tuple[str, ...]:
     if label.block is not None:
         keys.append(f"block{label.block}")
     keys.append(label.kind)
+    keys.extend(KIND_ALIASES.get(label.kind, ()))
     return tuple(keys) + FALLBACK_KEYS
 
 
