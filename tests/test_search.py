@@ -385,3 +385,168 @@ def test_resume_after_kill9(tmp_path):
     assert sorted(ends) == sorted([_hash(anchor)] + hashes)  # every trial finished exactly once
     assert starts.count(killed) == 2  # the interrupted trial was re-evaluated once, same point
     assert len(starts) == n + 2  # nothing else repeated (the anchor included)
+
+
+# --------------------------------------------------------------------------- the real fast path
+# A tiny residual "transformer-like" MLP with BERT-style paths (q, v, mlp-in, mlp-out per block),
+# K = 3 classification tasks, experts fine-tuned from a random base with Adam, each with its own
+# head; the objective is mean validation accuracy computed in numpy (independent of bmm_jax).
+_D, _C, _K, _BLOCKS = 8, 3, 3, 2
+
+
+def _np_forward(params, x):
+    h = np.asarray(x, np.float64)
+    for i in range(_BLOCKS):
+        b = {k: v for k, v in params["encoder"]["layer"][str(i)].items()}
+        q = np.asarray(b["attention"]["self"]["query"]["kernel"], np.float64)
+        v = np.asarray(b["attention"]["self"]["value"]["kernel"], np.float64)
+        h = h + np.tanh(h @ q) * (h @ v)
+        wi = np.asarray(b["intermediate"]["dense"]["kernel"], np.float64)
+        bi = np.asarray(b["intermediate"]["dense"]["bias"], np.float64)
+        wo = np.asarray(b["output"]["dense"]["kernel"], np.float64)
+        h = h + np.maximum(h @ wi + bi, 0.0) @ wo
+    return h
+
+
+def _np_accuracy(params, head, x, y) -> float:
+    logits = _np_forward(params, x) @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"], np.float64)
+    return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def _jax_forward(params, x):
+    import jax.numpy as jnp
+    h = x
+    for i in range(_BLOCKS):
+        b = params["encoder"]["layer"][str(i)]
+        h = h + jnp.tanh(h @ b["attention"]["self"]["query"]["kernel"]) * (h @ b["attention"]["self"]["value"]["kernel"])
+        h = h + jax.nn.relu(h @ b["intermediate"]["dense"]["kernel"] + b["intermediate"]["dense"]["bias"]) \
+            @ b["output"]["dense"]["kernel"]
+    return h
+
+
+_TASKS_CACHE = {}
+
+
+def _tiny_tasks():
+    """(base, experts, heads, val [(x, y)] per task); built once per test session (~1 s)."""
+    if "v" in _TASKS_CACHE:
+        return _TASKS_CACHE["v"]
+    import jax.numpy as jnp
+    import optax
+    rng = np.random.default_rng(7)
+    f32 = lambda *s, sc=1.0: (sc * rng.normal(size=s)).astype(np.float32)
+    base = {"encoder": {"layer": {str(i): {
+        "attention": {"self": {"query": {"kernel": f32(_D, _D, sc=0.3)}, "value": {"kernel": f32(_D, _D, sc=0.3)}}},
+        "intermediate": {"dense": {"kernel": f32(_D, 2 * _D, sc=0.3), "bias": np.zeros(2 * _D, np.float32)}},
+        "output": {"dense": {"kernel": f32(2 * _D, _D, sc=0.2)}}} for i in range(_BLOCKS)}}}
+    data = []
+    for k in range(_K):
+        mu, a = f32(_D), f32(_D, _C)
+        x = (mu + f32(384, _D)).astype(np.float32)
+        y = np.argmax(np.tanh(x @ f32(_D, _D)) @ a + 0.5 * x @ a, axis=1)
+        data.append((x[:256], y[:256], x[256:], y[256:]))
+    opt = optax.adam(1e-2)
+
+    def loss(p, x, y):
+        logits = _jax_forward(p["enc"], x) @ p["head"]["kernel"] + p["head"]["bias"]
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    @jax.jit
+    def train(p, x, y):
+        def step(c, _):
+            p, s = c
+            g = jax.grad(loss)(p, x, y)
+            u, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+        (p, _), _ = jax.lax.scan(step, (p, opt.init(p)), None, length=150)
+        return p
+
+    experts, heads = [], {}
+    for k, (x, y, _, _) in enumerate(data):
+        head = {"kernel": f32(_D, _C, sc=0.3), "bias": np.zeros(_C, np.float32)}
+        with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes int32 counts and floats
+            p = train({"enc": base, "head": head}, x, y)
+        experts.append(jax.tree_util.tree_map(np.asarray, p["enc"]))
+        heads[f"t{k}"] = jax.tree_util.tree_map(np.asarray, p["head"])
+    val = {f"t{k}": (d[2], d[3]) for k, d in enumerate(data)}
+    _TASKS_CACHE["v"] = base, experts, heads, val
+    return _TASKS_CACHE["v"]
+
+
+def _val_objective(heads, val):
+    return lambda params: {t: _np_accuracy(params, heads[t], x, y) for t, (x, y) in val.items()}
+
+
+def test_end_to_end_real_prepare(tmp_path):
+    import bmm_jax
+    from bmm_jax import anchors, merging
+    base, experts, heads, val = _tiny_tasks()
+    assert all(_np_accuracy(e, heads[f"t{k}"], *val[f"t{k}"]) > 0.6 for k, e in enumerate(experts))
+    anchor = anchors.task_arithmetic(base, experts)
+    prep = bmm_jax.prepare(base, experts, anchor)  # data-free Grams, isotropic eigen fast path
+    objective = _val_objective(heads, val)
+    anchor_value = float(np.mean(list(objective(anchor).values())))
+    shapes = {(l.d_in, l.d_out) for g in S.build_space(prep.labels, S.SearchConfig(grouping="module")).groups
+              for l in g.modules}
+    cache0 = merging._resolve_stacked._cache_size()
+    cfg = S.SearchConfig(num_trials=6, designer="quasi_random", extras=("anchor_scale",), **FAST)
+    res = bmm_jax.search(prep, objective, cfg, run_dir=str(tmp_path), anchor=anchor, progress=False,
+                         verbose=False)
+    # each trial is a fast-path re-solve: at most one compilation per stacked module shape
+    assert merging._resolve_stacked._cache_size() - cache0 <= len(shapes)
+    assert res.anchor_value == pytest.approx(anchor_value)
+    assert res.best_value >= anchor_value
+    assert [t.source for t in res.trials[:3]] == ["anchor", "seed:anchor", "seed:default"]
+    # the anchor-equivalent seed (rho = 100, anchor_scale = 1) behaves like the anchor
+    assert abs(res.trials[1].value - anchor_value) <= 2.5 / len(next(iter(val.values()))[1])
+    # the returned params score best_value, recomputed independently
+    got = objective(res.params)
+    assert float(np.mean(list(got.values()))) == pytest.approx(res.best_value)
+    if res.best_trial:
+        best = res.trials[res.best_trial]
+        assert res.extras == {"anchor_scale": pytest.approx(best.point["anchor_scale"])}
+        assert set(res.hparams) == {"q", "v", "mlp-in", "mlp-out"}
+        rebuilt = prep.params({k: v for k, v in res.hparams.items()}, anchor_scale=res.extras["anchor_scale"])
+        assert _dist(rebuilt, res.params) == pytest.approx(0.0, abs=1e-8)
+    assert os.path.exists(res.study) and res.study.endswith("vizier.db")
+
+
+def test_beta_extra_needs_hybrid_wrapper(tmp_path):
+    import bmm_jax
+    from bmm_jax import anchors
+    from bmm_jax.grams.data_free import data_free
+    from bmm_jax.grams.hybrid import hybrid
+    base, experts, heads, val = _tiny_tasks()
+    anchor = anchors.task_arithmetic(base, experts)
+    objective = _val_objective(heads, val)
+    cfg = S.SearchConfig(num_trials=4, designer="quasi_random", extras=("beta",), **FAST)
+    with pytest.raises(ValueError, match="HybridPrepared"):
+        bmm_jax.search(bmm_jax.prepare(base, experts, anchor), objective, cfg, run_dir=str(tmp_path / "a"),
+                       anchor=anchor, progress=False, verbose=False)
+    # stand-in few-shot data Grams: random rank-16 PSD matrices per module and task
+    labels = bmm_jax.build_labels(base)
+    data = {}
+    rng = np.random.default_rng(3)
+    for p, leaf in leaves_with_paths(base):
+        if leaf.ndim == 2:
+            a = rng.normal(size=(_K, leaf.shape[0], 16)).astype(np.float32)
+            data[p] = np.einsum("kin,kjn->kij", a, a) / 16.0
+    hp = S.HybridPrepared(base, experts, anchor, data, labels=labels)
+    res = S.search(hp, objective, cfg, run_dir=str(tmp_path / "b"), anchor=anchor, progress=False, verbose=False)
+    assert res.best_value >= res.anchor_value
+    betas = [t.point["beta"] for t in res.trials[1:]]
+    assert betas[:2] == [0.5, 0.5] and len(set(betas)) == 3  # seeds share beta = 0.5
+    # one eigen factorisation per distinct beta (+ the final rebuild of the best trial's params,
+    # whose beta may have left the 2-entry cache)
+    assert 3 <= hp.num_factorizations <= 4
+    # a trial's params equal an independent dense merge with hybrid Grams at that beta
+    t = res.trials[-1]
+    sp = S.build_space(labels, cfg)
+    mod = S.space.module_hparams(sp, S.space.group_hparams(sp, t.point))
+    want = bmm_jax.merge(base, experts, anchor, hybrid(hp.data_grams, data_free(base, experts, labels), t.point["beta"]),
+                         mod, labels).params
+    got = hp.params(mod, beta=t.point["beta"])
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
+    with pytest.raises(ValueError, match="beta must be in"):
+        hp.params(mod, beta=1.5)

@@ -37,6 +37,7 @@ import numpy as np
 
 from bmm_jax._tree import PyTree
 from bmm_jax.search.designer import SafeDesigner, fixed_trial_padding, make_designer
+from bmm_jax.search.hybrid import HybridPrepared
 from bmm_jax.search.reports import (best_so_far, plot_convergence, plot_hparams_by_depth, write_best,
                                     write_groups, write_trials)
 from bmm_jax.search.space import (BUILTIN_EXTRAS, DESIGNERS, OBJECTIVES, Extra, SearchConfig, SearchSpace,
@@ -46,7 +47,7 @@ from bmm_jax.search.study import SQLiteStudy, TrialRecord
 
 __all__ = ["search", "SearchConfig", "SearchResult", "Extra", "SearchSpace", "TrialRecord", "build_space",
            "make_designer", "SafeDesigner", "SQLiteStudy", "BUILTIN_EXTRAS", "DESIGNERS", "OBJECTIVES",
-           "make_objective", "fixed_trial_padding"]
+           "make_objective", "fixed_trial_padding", "HybridPrepared"]
 
 
 class SearchResult(NamedTuple):
@@ -75,6 +76,13 @@ class SearchResult(NamedTuple):
     best_trial: int
     anchor_value: float | None
     run_dir: str
+
+    @property
+    def study(self) -> str:
+        """The Vizier study: its SQLite datastore ``<run_dir>/vizier.db`` (every trial, with its
+        parameters, measurement and ``bmm_jax`` metadata; ``trials`` holds the same as records).
+        Rerunning :func:`search` with ``run_dir`` reopens it."""
+        return os.path.join(self.run_dir, "vizier.db")
 
 
 # ----------------------------------------------------------------------------------- objective
@@ -170,9 +178,11 @@ def _check_extras_accepted(params_fn: Callable, space: SearchSpace) -> None:
         return
     missing = [e.name for e in space.extras if e.name not in sig.parameters]
     if missing:
+        hint = ("; to search the hybrid-Gram beta, pass prep=bmm_jax.search.HybridPrepared(base, experts, "
+                "anchor, data_grams) (it re-factors the modules per beta)" if "beta" in missing else "")
         raise ValueError(f"the search has extra parameters {missing}, but the params function "
                          f"{getattr(params_fn, '__qualname__', params_fn)!r} accepts no keyword argument "
-                         f"of that name (signature {sig}); pass params_fn=... that does")
+                         f"of that name (signature {sig}); pass params_fn=... that does{hint}")
 
 
 def _resolve(prep, params_fn, labels):
