@@ -29,6 +29,16 @@ def task_vectors(base: PyTree, experts: Sequence[PyTree]) -> PyTree:
 
 
 def add_task_vector(base: PyTree, tau: PyTree, scale=1.0) -> PyTree:
-    """theta_0 + scale * tau, keeping each leaf's dtype."""
-    return jax.tree_util.tree_map(
-        lambda b, t: (jnp.asarray(b) + scale * jnp.asarray(t)).astype(jnp.asarray(b).dtype), base, tau)
+    """theta_0 + scale * tau, keeping each leaf's dtype.
+
+    Floating leaves are computed in (at least) float32, so a bf16 base and a float32 tau mix under
+    strict dtype promotion; non-floating leaves (integer buffers, counters) are carried from ``base``.
+    """
+    def add(b, t):
+        b = jnp.asarray(b)
+        if not jnp.issubdtype(b.dtype, jnp.floating):
+            return b
+        cd = jnp.float64 if b.dtype == jnp.float64 else jnp.float32
+        return (b.astype(cd) + scale * jnp.asarray(t).astype(cd)).astype(b.dtype)
+
+    return jax.tree_util.tree_map(add, base, tau)
