@@ -117,7 +117,7 @@ def plot_convergence(path: str, records: Sequence[TrialRecord], anchor_value: fl
     ax.set_ylabel("validation objective")
     ax.set_title(title or "search convergence")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best", framealpha=0.6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
