@@ -46,11 +46,12 @@ def _describe_structure_difference(a: PyTree, b: PyTree) -> str:
 
 
 def check_experts(base: PyTree, experts: Sequence[PyTree], *, min_experts: int = 2,
-                  check_finite: bool = True) -> list[PyTree]:
+                  check_finite: bool = True, names: Sequence[str] | None = None) -> list[PyTree]:
     """Validate ``experts`` against ``base`` and return them as a list.
 
     Raises ``TypeError`` for a wrong container / dtype mismatch and ``ValueError`` for a structure
     or shape mismatch, non-finite values or too few experts; every message names the leaf path.
+    ``names`` (optional, one per tree) replaces ``"expert {i}"`` in messages (e.g. ``["anchor"]``).
     """
     if isinstance(experts, dict) or not isinstance(experts, (list, tuple)):
         raise TypeError(
@@ -66,19 +67,20 @@ def check_experts(base: PyTree, experts: Sequence[PyTree], *, min_experts: int =
     if check_finite:
         _check_finite("base", base_leaves)
     for i, expert in enumerate(experts):
+        who = names[i] if names is not None else f"expert {i}"
         if jax.tree_util.tree_structure(expert) != base_struct:
             raise ValueError(
-                f"expert {i} has a different tree structure from base: "
+                f"{who} has a different tree structure from base: "
                 f"{_describe_structure_difference(base, expert)}")
         for (path, b), (_, e) in zip(base_leaves, leaves_with_paths(expert)):
             bshape, eshape = np.shape(b), np.shape(e)
             if bshape != eshape:
-                raise ValueError(f"expert {i} leaf '{path}': shape {eshape} != base shape {bshape}")
+                raise ValueError(f"{who} leaf '{path}': shape {eshape} != base shape {bshape}")
             bd, ed = _dtype(b), _dtype(e)
             if bd != ed:
-                raise TypeError(f"expert {i} leaf '{path}': dtype {ed} != base dtype {bd}")
+                raise TypeError(f"{who} leaf '{path}': dtype {ed} != base dtype {bd}")
         if check_finite:
-            _check_finite(f"expert {i}", leaves_with_paths(expert))
+            _check_finite(who, leaves_with_paths(expert))
     return experts
 
 

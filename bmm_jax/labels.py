@@ -7,8 +7,8 @@ structure as the params; each leaf is a :class:`Label`. It decides
   *carried* leaf,
 * the module's kind (``q``, ``k``, ``v``, ``qkv``, ``attn-out``, ``mlp-in``, ``mlp-out``,
   ``other``) and block index (its depth),
-* its *input group*: modules that read the same input (q, k, v of one attention) share one
-  activation Gram,
+* its *input group*: modules that read the same input (q, k, v of one self-attention) share one
+  activation Gram (in cross-attention only k and v share one; q reads another input),
 * its hyper-parameter group for a grouping ``global | type | block | module``.
 
 Layouts. Flax ``Dense`` kernels are ``[d_in, d_out]`` (``dense``). HF FlaxGPT2's Conv1D kernels are
@@ -47,6 +47,8 @@ _KIND_PATTERNS = (
     ("mlp-in", r"(intermediate/dense|fc1|mlp/c_fc|up_proj|gate_proj|lin1|wi|expand_conv|mlp_in|dense_in)/kernel$"),
     ("mlp-out", r"((^|/)output/dense|fc2|mlp/c_proj|down_proj|lin2|project_conv|mlp_out|dense_out)/kernel$"),
 )
+# Cross-attention: q reads the decoder stream, k and v read the encoder output (two input groups).
+_CROSS_ATTENTION = re.compile(r"(crossattention|cross_attention|cross_attn|EncDecAttention|encoder_attn)", re.I)
 _BLOCK_PATTERN = re.compile(r"(?:^|/)_?(?:layer|layers|h|blocks|block|transformer_blocks)[/_](\d+)(?:/|$)")
 
 
@@ -181,7 +183,10 @@ def build_labels(params: PyTree, *, include: Sequence[str] | None = None,
             d_in, d_out = shape[2], shape[3]
         kind = _kind_of(p)
         parent = p.rsplit("/", 2)[0] if p.count("/") >= 2 else ""
-        input_group = f"{parent}:qkv-input" if kind in ("q", "k", "v") else p
+        if kind in ("q", "k", "v") and _CROSS_ATTENTION.search(p):
+            input_group = p if kind == "q" else f"{parent}:kv-input"
+        else:
+            input_group = f"{parent}:qkv-input" if kind in ("q", "k", "v") else p
         return Label(path=p, regressed=True, kind=kind, block=_block_of(p), input_group=input_group,
                      layout=layout, d_in=int(d_in), d_out=int(d_out))
 

@@ -141,7 +141,7 @@ def resolve_anchor(anchor, base: PyTree, experts: Sequence[PyTree], *, grams=Non
             anchor = fn(base, experts)
     if hasattr(anchor, "params") and not isinstance(anchor, Mapping):
         anchor = anchor.params
-    check_experts(base, [anchor], min_experts=1)
+    check_experts(base, [anchor], min_experts=1, names=["anchor"])
     return anchor
 
 

@@ -68,7 +68,9 @@ def _solve_one(s, b, ta, rho, scale, diagonal: bool):
     lam = prior_strength(s, rho)
     if diagonal:
         ds = jnp.diagonal(s)
-        p = ds / jnp.maximum(jnp.mean(ds), jnp.finfo(s.dtype).tiny)
+        # floor p at eps: an input coordinate no task ever excites (diag S_ii = 0) would make the
+        # system singular; with any p_ii > 0 its row is exactly the anchor's (the p_ii -> 0 limit)
+        p = jnp.maximum(ds / jnp.maximum(jnp.mean(ds), jnp.finfo(s.dtype).tiny), jnp.finfo(s.dtype).eps)
         a = s + jnp.diag(lam * p)
         rhs = b + (lam * p)[:, None] * ta
     else:

@@ -172,6 +172,24 @@ def test_label_tree_on_plain_dict():
     assert "10 regressed modules" in table and "h/2/attn/c_attn/kernel" in table
 
 
+def test_cross_attention_input_groups():
+    """In cross-attention q reads the decoder stream and k, v the encoder output: two groups."""
+    shapes = {"decoder": {"layer": {"0": {
+        "attention": {"self": {n: {"kernel": (4, 4)} for n in ("query", "key", "value")}},
+        "crossattention": {"self": {n: {"kernel": (4, 4)} for n in ("query", "key", "value")}}}}},
+        "t5": {"block": {"1": {"layer": {"1": {"EncDecAttention": {n: {"kernel": (4, 4)} for n in "qkvo"}}}}}}}
+    got = {l.path: l.input_group for l in regressed(build_labels(_shape_tree(shapes)))}
+    self_ = "decoder/layer/0/attention/self"
+    cross = "decoder/layer/0/crossattention/self"
+    t5 = "t5/block/1/layer/1/EncDecAttention"
+    assert got == {f"{self_}/query/kernel": f"{self_}:qkv-input", f"{self_}/key/kernel": f"{self_}:qkv-input",
+                   f"{self_}/value/kernel": f"{self_}:qkv-input",
+                   f"{cross}/query/kernel": f"{cross}/query/kernel", f"{cross}/key/kernel": f"{cross}:kv-input",
+                   f"{cross}/value/kernel": f"{cross}:kv-input",
+                   f"{t5}/q/kernel": f"{t5}/q/kernel", f"{t5}/k/kernel": f"{t5}:kv-input",
+                   f"{t5}/v/kernel": f"{t5}:kv-input", f"{t5}/o/kernel": f"{t5}/o/kernel"}
+
+
 def test_label_matrix_views_round_trip():
     rng = np.random.default_rng(2)
     labels = {l.path: l for l in regressed(build_labels(_shape_tree()))}

@@ -201,11 +201,13 @@ def test_scale(scale):
     _close(_solve(t, _grams(xs), ta, rho=0.7, scale=scale), _lstsq_reference(xs, t, ta, 0.7, scale=scale))
 
 
-@settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 2 ** 16), k=st.integers(2, 4), d_in=st.integers(1, 5), d_out=st.integers(1, 4),
+# a few shapes (each one compiles), many values
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), shape=st.sampled_from([(3, 5, 4), (2, 1, 3), (4, 3, 1), (2, 6, 2)]),
        log_rho=st.floats(-3.0, 3.0), scale=st.floats(0.5, 1.5),
        weighted=st.booleans(), diagonal=st.booleans())
-def test_property_matches_least_squares(seed, k, d_in, d_out, log_rho, scale, weighted, diagonal):
+def test_property_matches_least_squares(seed, shape, log_rho, scale, weighted, diagonal):
+    k, d_in, d_out = shape
     xs, t, ta = _problem(seed, k=k, d_in=d_in, d_out=d_out)
     w = np.random.default_rng(seed + 1).uniform(0.1, 2.0, k) if weighted else None
     prior = "diagonal" if diagonal else "isotropic"
@@ -214,6 +216,26 @@ def test_property_matches_least_squares(seed, k, d_in, d_out, log_rho, scale, we
     out = _solve(t, _grams(xs), ta, rho=rho, scale=scale, prior=prior,
                  weights=None if w is None else jnp.asarray(w, jnp.float32))
     _close(out, ref, rel=1e-3)
+
+
+def test_input_coordinate_no_task_excites():
+    """diag(S)_ii = 0 (a dead input feature): row i of the result is the anchor's, both priors, and the
+    other rows solve the decoupled reduced system (no NaN)."""
+    xs, t, ta = _problem(13, d_in=5, d_out=3)
+    for x in xs:
+        x[:, 2] = 0.0
+    g = _grams(xs)
+    s, b = g.sum(0), np.einsum("kij,kjo->io", g, t)
+    keep = [0, 1, 3, 4]
+    for prior in ("isotropic", "diagonal"):
+        for rho in (0.05, 2.0):
+            out = _solve(t, g, ta, rho=rho, prior=prior, scale=1.3)
+            lam = rho * np.trace(s) / 5
+            p = np.ones(5) if prior == "isotropic" else np.diag(s) / np.mean(np.diag(s))
+            sr = s[np.ix_(keep, keep)] + lam * np.diag(p[keep])
+            ref_rows = np.linalg.solve(sr, b[keep] + lam * p[keep, None] * ta[keep])
+            _close(out[keep], 1.3 * ref_rows)
+            _close(out[2], 1.3 * ta[2])
 
 
 # ----------------------------------------------------------------------------- fast path / jit
@@ -248,10 +270,8 @@ def test_jit_and_no_jit_paths_agree():
     jitted = _solve(t, g, ta, rho=0.4, scale=1.2)
     with jax.disable_jit():
         eager = _solve(t, g, ta, rho=0.4, scale=1.2)
-        eager_diag = _solve(t, g, ta, rho=0.4, prior="diagonal")
     _close(jitted, ref)
     _close(eager, ref)
-    _close(eager_diag, _formula_reference(t, g, ta, 0.4, prior="diagonal"))
 
     # the whole internal pipeline under an outer jax.jit, with rho and scale traced
     @jax.jit
