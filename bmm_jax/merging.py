@@ -424,6 +424,10 @@ class Prepared:
                 res = _resolve_stacked(st.factors, rho, sc, jnp.float32(c))[:m]
             else:
                 s, b, ta = st.factors
+                bad = [p for j, p in enumerate(st.paths) if hp[p][0] == 0.0 and is_singular(s[j])]
+                if bad:
+                    raise ValueError(f"singular system at module '{bad[0]}': rho = 0 and S is "
+                                     "rank-deficient; use rho > 0")
                 res = solve_stacked_diagonal(s, b, c * ta, rho, sc)[:m]
             for pos, p in enumerate(st.paths):
                 out[p] = res[pos]

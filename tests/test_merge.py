@@ -458,6 +458,8 @@ def test_bad_inputs():
         bmm_jax.merge(tb, te, ta, _jnp_grams(low), {"rho": 0.0})
     with pytest.raises(ValueError, match=r"singular system at module 'encoder/layer/0/output/dense/kernel'"):
         bmm_jax.prepare(tb, te, ta, _jnp_grams(low)).params({"rho": 0.0})
+    with pytest.raises(ValueError, match=r"singular system at module 'encoder/layer/0/output/dense/kernel'"):
+        bmm_jax.prepare(tb, te, ta, _jnp_grams(low), prior="diagonal").params({"rho": 0.0})
     ok = bmm_jax.merge(tb, te, ta, _jnp_grams(low), {"rho": 0.1}).params      # rho > 0 is fine
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(ok))
     # Grams missing a module / with the wrong shape
