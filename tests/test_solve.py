@@ -202,7 +202,7 @@ def test_scale(scale):
 
 
 # a few shapes (each one compiles), many values
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=10, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 2 ** 16), shape=st.sampled_from([(3, 5, 4), (2, 1, 3), (4, 3, 1), (2, 6, 2)]),
        log_rho=st.floats(-3.0, 3.0), scale=st.floats(0.5, 1.5),
        weighted=st.booleans(), diagonal=st.booleans())
