@@ -246,13 +246,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name: str, **overrides) -> ExperimentConfig:
-    """The :data:`PRESETS` configuration ``name`` with ``overrides`` applied."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    kw = dict(PRESETS[name])
+def preset(preset_name: str, /, **overrides) -> ExperimentConfig:
+    """The :data:`PRESETS` configuration ``preset_name`` with ``overrides`` (fields of
+    :class:`ExperimentConfig`; ``None`` values are ignored) applied."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; expected one of {sorted(PRESETS)}")
+    kw = dict(PRESETS[preset_name])
     kw.update({k: v for k, v in overrides.items() if v is not None})
-    if name == "full" and overrides.get("name") is None:
+    if preset_name == "full" and overrides.get("name") is None:
         b = kw.get("benchmark", "minilm5")
         kw["name"] = f"{b if isinstance(b, str) else b.name}-full"
     return ExperimentConfig(**kw)
@@ -656,7 +657,8 @@ class _SeedRun:
             self._bench = build_experts(self.spec, cache_dir=self.config.cache_dir, seed=self.seed,
                                         config=self.config.finetune, progress=self.config.progress)
             self.timings["experts"] = time.perf_counter() - t0
-            self.load = self.spec.load
+            # the loader the experts were trained with (EffNet-4 rescales optdigits' pixels)
+            self.load = getattr(self._bench, "load", None) or self.spec.load
             if self.load is None:
                 from bmm_jax import data
                 self.load = data.load
@@ -776,7 +778,7 @@ class _SeedRun:
         cfg = SearchConfig(grouping="global" if shared else self.config.module_grouping,
                            num_trials=self.config.shared_trials if shared else self.config.module_trials,
                            designer=self.config.designer, seed=self.seed,
-                           validation_examples=self.config.validation_examples)
+                           validation_examples=self.config.validation_examples, jax_cache_dir=None)
         run_dir = os.path.join(self.dir, "search", f"{key.anchor}-{key.gram}-{key.hparams}")
         res = search(self._prep, objective, cfg, run_dir=run_dir, anchor=anchor_params,
                      progress=self.config.progress, verbose=False)
