@@ -184,7 +184,7 @@ class ExperimentConfig:
                 raise ValueError(f"ExperimentConfig.{f} must be a positive int or None, got {v!r}")
         if not 0.0 <= float(self.hybrid_beta) <= 1.0:
             raise ValueError(f"ExperimentConfig.hybrid_beta must be in [0, 1], got {self.hybrid_beta}")
-        grids = dict(self.scale_grids) if not isinstance(self.scale_grids, Mapping) else dict(self.scale_grids)
+        grids = dict(self.scale_grids)
         out = []
         for k, g in grids.items():
             if k not in SCALED:

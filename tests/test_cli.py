@@ -202,6 +202,10 @@ def test_experiment_cli_tiny(tmp_path, tmp_path_factory, capsys, monkeypatch):
         assert os.path.getsize(str(prefix) + suffix) > 0, suffix
     for f in ("records.json", "records.csv", "summary.csv", "table.md", "details.json", "config.json"):
         assert os.path.getsize(tmp_path / "run" / f) > 0, f
+    # --table reprints the test table from the exported records, running nothing
+    assert cli_experiment.main(["--table", str(prefix) + ".json"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "| method | a | b | mean | normalised mean |" and "BMM (TA, data-free, shared)" in out
 
 
 @pytest.mark.parametrize("argv, rc, phrase", [

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, metavar="PREFIX",
                    help="also copy the results to PREFIX.json (the records), PREFIX.md (table), PREFIX.csv "
                         "(summary) and PREFIX_*.png, e.g. experiments/results/minilm5")
+    p.add_argument("--table", default=None, metavar="RECORDS_JSON",
+                   help="only print the markdown tables of an existing records file (e.g. "
+                        "experiments/results/minilm5.json) and exit; runs nothing")
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-method lines")
     return p
@@ -120,6 +123,17 @@ def main(argv=None) -> int:
     def body():
         parser = build_parser()
         args = parser.parse_args(argv)
+        if args.table is not None:
+            import json
+            from bmm_jax.experiment import format_table
+            if not os.path.isfile(args.table):
+                raise FileNotFoundError(f"records file not found: {args.table}")
+            with open(args.table) as f:
+                recs = json.load(f)
+            if not isinstance(recs, list) or not recs:
+                raise ValueError(f"{args.table} is not a non-empty list of records")
+            print(format_table(recs, "test"))
+            return 0
         cfg = config_from_args(args)
         from bmm_jax.experiment import run_experiment
         if not args.quiet:

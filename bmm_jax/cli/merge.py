@@ -286,8 +286,10 @@ def read_source(src: str, split: str, role: str) -> tuple[Any, np.ndarray | None
             return texts, None if labels is None else np.asarray(labels)
         raise ValueError(f"{role} file {src}: unsupported format (use .txt, .npy, .npz, .jsonl, .csv, .tsv)")
     if src in DATASETS:
-        from bmm_jax import data
-        x, y = data.load(src, split)
+        from bmm_jax import data, experts
+        # the benchmarks' loader (images rescaled to 0..255 as the experts were trained) if present
+        load = getattr(experts, "scaled_image_load", data.load)
+        x, y = load(src, split)
         return x, np.asarray(y)
     raise FileNotFoundError(f"{role} {src!r} is neither a file nor a bmm_jax dataset ({', '.join(DATASETS)})")
 
