@@ -30,12 +30,14 @@ and batch order, so the seeds are distinct fine-tunes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import time
+import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -70,8 +72,11 @@ class FinetuneConfig:
         not stored in the expert checkpoint).
       probe_max_train: training examples of the linear probe (a fixed subset, same for all seeds).
       probe_steps: full-batch L-BFGS iterations of the probe.
-      probe_l2: L2 penalty of the probe (on the mean cross-entropy scale), on standardised
-        features.
+      probe_l2: L2 penalty of the probe (mean cross-entropy scale, features centred and scaled
+        to unit RMS), used as is when ``probe_l2_grid`` is empty.
+      probe_l2_grid: candidate penalties; the one with the best accuracy on (at most
+        ``probe_max_val`` examples of) the task's validation split is kept.
+      probe_max_val: validation examples used to choose the probe's penalty.
       max_length: text adapters: tokens per sequence.
       feature_batch_size: batch size for frozen-feature extraction.
     """
@@ -86,13 +91,15 @@ class FinetuneConfig:
     frozen: tuple[str, ...] = (r"(^|/)embeddings/",)
     probe_max_train: int = 2000
     probe_steps: int = 200
-    probe_l2: float = 1e-4
+    probe_l2: float = 1e-3
+    probe_l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    probe_max_val: int = 512
     max_length: int = 64
     feature_batch_size: int = 128
 
     def __post_init__(self):
         for f in ("max_train", "epochs", "batch_size", "probe_max_train", "probe_steps", "max_length",
-                  "feature_batch_size"):
+                  "feature_batch_size", "probe_max_val"):
             if int(getattr(self, f)) <= 0:
                 raise ValueError(f"FinetuneConfig.{f} must be positive, got {getattr(self, f)}")
         for f in ("learning_rate", "head_learning_rate", "weight_decay", "probe_l2", "grad_clip"):
@@ -101,14 +108,16 @@ class FinetuneConfig:
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"FinetuneConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         object.__setattr__(self, "frozen", tuple(self.frozen))
+        object.__setattr__(self, "probe_l2_grid", tuple(float(v) for v in self.probe_l2_grid))
+        if any(not v >= 0 for v in self.probe_l2_grid):
+            raise ValueError(f"FinetuneConfig.probe_l2_grid must hold penalties >= 0, got {self.probe_l2_grid}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def probe_part(self) -> dict:
         """The fields the linear probe depends on."""
-        return {k: v for k, v in self.to_dict().items()
-                if k.startswith("probe_") or k in ("max_length", "feature_batch_size")}
+        return {k: v for k, v in self.to_dict().items() if k.startswith("probe_") or k == "max_length"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +146,12 @@ class Benchmark(NamedTuple):
       heads: ``task -> expert head`` (fine-tuned with the expert; use it for merged models).
       probe_heads: ``task -> linear-probe head`` on frozen pretrained features.
       config: the :class:`FinetuneConfig` used.
-      stats: ``task -> dict`` (n_train, n_probe, num_classes, seconds, reused, final_loss, ...).
+      stats: ``task -> dict`` (n_train, n_probe, num_classes, seconds, reused, final_loss, ...)
+        and ``"_total_seconds"``.
       seed: the fine-tuning seed.
+      load: ``(task, split) -> (inputs, labels)``, the data loader the experts were trained with
+        (pass it as ``load=`` to :func:`bmm_jax.evaluate.evaluate` and use it for calibration
+        data: for EffNet-4 it rescales optdigits' 0..16 counts to 0..255).
     """
     name: str
     tasks: tuple[str, ...]
@@ -150,11 +163,27 @@ class Benchmark(NamedTuple):
     config: FinetuneConfig
     stats: dict
     seed: int = 0
+    load: LoadFn | None = None
 
 
 # ----------------------------------------------------------------------------- benchmarks
 TEXT_TASKS = ("mr", "uncertainty", "dutch_polarity", "bbc", "fortunes")
 VISION_TASKS = ("mnist", "fashion_mnist", "optdigits", "ising")
+
+
+def scaled_image_load(task: str, split: str):
+    """:func:`bmm_jax.data.load` with image pixels rescaled to 0..255 (``uint8``).
+
+    Datasets whose encoding tops out below 255 (optdigits: block counts 0..16, see
+    ``bmm_jax.data.info(name).pixel_max``) are mapped linearly, ``round(x * 255 / pixel_max)``;
+    others and text datasets are returned unchanged.
+    """
+    from bmm_jax import data
+    x, y = data.load(task, split)
+    pmax = data.info(task).pixel_max
+    if isinstance(x, np.ndarray) and pmax and pmax != 255:
+        x = np.round(x.astype(np.float32) * np.float32(255.0 / pmax)).astype(np.uint8)
+    return x, y
 
 
 def _minilm(config: FinetuneConfig) -> ModelAdapter:
@@ -175,7 +204,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "effnet4": BenchmarkSpec(
         "effnet4", VISION_TASKS, _effnet,
         FinetuneConfig(max_train=4000, epochs=3, batch_size=64, learning_rate=1e-3, head_learning_rate=1e-3,
-                       frozen=(), probe_max_train=4000, feature_batch_size=256)),
+                       frozen=(), probe_max_train=4000, feature_batch_size=256),
+        load=scaled_image_load),
 }
 
 
@@ -219,64 +249,102 @@ def _like(tree, ref):
 
 # ----------------------------------------------------------------------------- features / probe
 def extract_features(adapter: ModelAdapter, params: PyTree, batch: dict, batch_size: int = 128) -> np.ndarray:
-    """Pooled features ``[N, feature_dim]`` of a preprocessed batch (padded, jitted batches)."""
+    """Pooled features ``[N, feature_dim]`` of a preprocessed batch (padded, jitted batches; text
+    is processed in order of length so batches trim to short length buckets), in row order."""
     from bmm_jax.evaluate import batched_logits
     d = adapter.feature_dim
     eye = {"kernel": jnp.eye(d, dtype=jnp.float32), "bias": jnp.zeros((d,), jnp.float32)}
+    if adapter.length_buckets and "attention_mask" in batch:
+        order = np.argsort(np.asarray(batch["attention_mask"]).sum(axis=1), kind="stable")
+        feats = batched_logits(adapter, params, eye, take(batch, order), batch_size)
+        out = np.empty_like(feats)
+        out[order] = feats
+        return out
     return batched_logits(adapter, params, eye, batch, batch_size)
 
 
-def linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, l2: float = 1e-4,
-                 steps: int = 200) -> dict:
-    """Multinomial logistic regression on frozen features.
+class ProbeFit(NamedTuple):
+    """A fitted linear probe: ``head`` (on raw features), the chosen ``l2`` and the validation
+    accuracy per candidate ``l2`` (empty without validation data)."""
+    head: dict
+    l2: float
+    val_accuracy: dict
 
-    Minimises ``mean CE(x W + b, y) + l2 * ||W_std||^2`` over standardised features
-    ``(x - mu) / sd`` with L-BFGS, then folds the standardisation into the returned head so that
-    ``head_logits(head, x)`` applies to raw features.
+
+def linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, *, l2: float = 1e-3,
+                 steps: int = 200, val_features: np.ndarray | None = None,
+                 val_labels: np.ndarray | None = None, l2_grid: Sequence[float] = ()) -> ProbeFit:
+    """Multinomial logistic regression (ridge-penalised) on frozen features.
+
+    Minimises ``mean CE(z W + b, y) + l2 * ||W||_F^2`` over centred features scaled by one global
+    factor, ``z = (x - mu) / r`` with ``r`` the RMS of the centred features (every dimension is
+    penalised alike, so near-constant feature dimensions do not get huge weights that would make
+    later fine-tuning unstable), by full-batch L-BFGS from zero. ``mu`` and ``r`` are folded into
+    the returned head so that ``head_logits(head, x)`` applies to raw features.
+
+    With validation data and a non-empty ``l2_grid``, every ``l2`` of the grid is fitted and the
+    one with the best validation accuracy is kept (ties: the larger ``l2``).
 
     Args:
-      features: ``[N, d]`` float features.
-      labels: ``[N]`` integer labels in ``[0, num_classes)``.
+      features: ``[N, d]`` float features; ``labels``: ``[N]`` ints in ``[0, num_classes)``.
       num_classes: C.
+      l2: penalty without a grid.
+      steps: L-BFGS iterations.
+      val_features, val_labels: optional ``[M, d]`` / ``[M]`` validation data for the grid.
+      l2_grid: candidate penalties.
 
     Returns:
-      ``{"kernel": [d, C], "bias": [C]}`` float32.
+      :class:`ProbeFit` with ``head = {"kernel": [d, C], "bias": [C]}`` (float32 numpy).
     """
-    x = jnp.asarray(features, jnp.float32)
-    y = jnp.asarray(labels, jnp.int32)
+    x = np.asarray(features, np.float32)
+    y = np.asarray(labels, np.int32)
     if x.ndim != 2 or y.shape != x.shape[:1]:
         raise ValueError(f"features must be [N, d] and labels [N]; got {x.shape} and {y.shape}")
-    mu = jnp.mean(x, axis=0)
-    sd = jnp.std(x, axis=0) + 1e-6
-    xs = (x - mu) / sd
-    w0 = {"kernel": jnp.zeros((x.shape[1], num_classes), jnp.float32),
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
+    mu = x.mean(axis=0)
+    r = np.float32(np.sqrt(np.mean((x - mu) ** 2)) + 1e-6)
+    z = jnp.asarray((x - mu) / r)
+
+    def fold(w) -> dict:
+        kernel = np.asarray(w["kernel"], np.float32) / r
+        bias = np.asarray(w["bias"], np.float32) - mu @ kernel
+        return {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
+
+    grid = tuple(float(v) for v in l2_grid) if (l2_grid and val_features is not None) else (float(l2),)
+    fits, accs = {}, {}
+    for lam in grid:
+        w = _fit_probe(z, jnp.asarray(y), jnp.float32(lam), int(num_classes), int(steps))
+        fits[lam] = fold(w)
+        if len(grid) > 1:
+            vx = np.asarray(val_features, np.float32)
+            vy = np.asarray(val_labels)
+            lg = vx @ fits[lam]["kernel"] + fits[lam]["bias"]
+            accs[lam] = float(np.mean(np.argmax(lg, axis=1) == vy))
+    best = max(grid, key=lambda lam: (accs.get(lam, 0.0), lam))
+    return ProbeFit(fits[best], best, accs)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _fit_probe(z, y, l2, num_classes: int, steps: int):
+    """L-BFGS on the penalised mean cross-entropy (see :func:`linear_probe`); ``l2`` is traced."""
+    w0 = {"kernel": jnp.zeros((z.shape[1], num_classes), jnp.float32),
           "bias": jnp.zeros((num_classes,), jnp.float32)}
 
     def loss(w):
-        lg = head_logits(w, xs)
+        lg = head_logits(w, z)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(lg, y)) + l2 * jnp.sum(w["kernel"] ** 2)
 
-    w = _lbfgs(loss, w0, steps)
-    kernel = w["kernel"] / sd[:, None]
-    bias = w["bias"] - jnp.matmul(mu, kernel, precision=jax.lax.Precision.HIGHEST)
-    return {"kernel": np.asarray(kernel, np.float32), "bias": np.asarray(bias, np.float32)}
-
-
-def _lbfgs(loss, w0, steps: int):
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)
 
-    @jax.jit
-    def run(w):
-        def body(carry, _):
-            w, state = carry
-            value, grad = value_and_grad(w, state=state)
-            updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=loss)
-            return (optax.apply_updates(w, updates), state), value
-        (w, _), values = jax.lax.scan(body, (w, opt.init(w)), None, length=steps)
-        return w, values
+    def body(carry, _):
+        w, state = carry
+        value, grad = value_and_grad(w, state=state)
+        updates, state = opt.update(grad, state, w, value=value, grad=grad, value_fn=loss)
+        return (optax.apply_updates(w, updates), state), value
 
-    w, _ = run(w0)
+    (w, _), _ = jax.lax.scan(body, (w0, opt.init(w0)), None, length=steps)
     return w
 
 
@@ -288,10 +356,91 @@ class FinetuneResult(NamedTuple):
     losses: np.ndarray
 
 
+def lr_schedule(peak: float, total: int, warmup_fraction: float) -> np.ndarray:
+    """Per-step learning rates ``[total]`` (float32): linear warm-up from 0 over
+    ``round(warmup_fraction * total)`` steps, then cosine decay to 0 (as
+    ``optax.warmup_cosine_decay_schedule``; without warm-up, ``optax.cosine_decay_schedule``)."""
+    steps = np.arange(total, dtype=np.float64)
+    warm = int(round(warmup_fraction * total))
+    if warm > 0:
+        decay = max(total, warm + 1) - warm
+        lr = np.where(steps < warm, peak * steps / warm,
+                      0.5 * peak * (1 + np.cos(np.pi * np.clip(steps - warm, 0, decay) / decay)))
+    else:
+        lr = 0.5 * peak * (1 + np.cos(np.pi * steps / max(total, 1)))
+    return lr.astype(np.float32)
+
+
+def batch_plan(n: int, batch_size: int, epochs: int, rng: np.random.Generator,
+               lengths: np.ndarray | None = None, buckets: Sequence[int] = ()) -> list[np.ndarray]:
+    """Index arrays of every optimiser step (``epochs * (n // batch_size)`` steps of ``batch_size``).
+
+    Every epoch is a fresh random permutation cut into ``n // batch_size`` batches (the remainder,
+    a random subset, is skipped that epoch). With token ``lengths [n]`` and length ``buckets``,
+    the permutation is stably sorted by bucket before cutting, so a batch holds sequences of
+    (mostly) one bucket and is trimmed to it (far fewer padded tokens); the batches of an epoch
+    are then shuffled. Indices inside a batch are sorted.
+    """
+    per_epoch = n // batch_size
+    plan = []
+    if lengths is not None and buckets:
+        edges = np.asarray(sorted(buckets))
+        bucket = np.searchsorted(edges, np.asarray(lengths), side="left")
+    else:
+        bucket = None
+    for _ in range(epochs):
+        perm = rng.permutation(n)[:per_epoch * batch_size]   # a random remainder is skipped
+        if bucket is not None:
+            perm = perm[np.argsort(bucket[perm], kind="stable")]
+        chunks = [np.sort(perm[i * batch_size:(i + 1) * batch_size]) for i in range(per_epoch)]
+        if bucket is not None:
+            chunks = [chunks[i] for i in rng.permutation(per_epoch)]
+        plan += chunks
+    return plan
+
+
+_STEPS: "weakref.WeakKeyDictionary[ModelAdapter, dict]" = weakref.WeakKeyDictionary()
+
+
+def _train_step(adapter: ModelAdapter, grad_clip: float, weight_decay: float):
+    """Jitted AdamW step (shared by every task fine-tuned with ``adapter``; compiled once per
+    batch shape and head size). Learning rates are arguments, so schedules do not recompile."""
+    cache = _STEPS.setdefault(adapter, {})
+    key = (float(grad_clip), float(weight_decay))
+    if key in cache:
+        return cache[key]
+    adam = optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
+                       optax.scale_by_adam())
+
+    def loss_fn(st, frozen, b, y):
+        feats = adapter.apply(combine(st["encoder"], frozen), b)
+        lg = head_logits(st["head"], feats)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(lg, y))
+
+    @jax.jit
+    def step(st, opt_state, frozen, b, y, lr_encoder, lr_head):
+        loss, grads = jax.value_and_grad(loss_fn)(st, frozen, b, y)
+        upd, opt_state = adam.update(grads, opt_state, st)
+
+        def apply(lr):   # decoupled weight decay (AdamW)
+            return lambda p, u: p - lr * (u + weight_decay * p)
+        new = {"encoder": jax.tree_util.tree_map(apply(lr_encoder), st["encoder"], upd["encoder"]),
+               "head": jax.tree_util.tree_map(apply(lr_head), st["head"], upd["head"])}
+        return new, opt_state, loss
+
+    cache[key] = (adam, step)
+    return adam, step
+
+
 def finetune(adapter: ModelAdapter, params: PyTree, head: dict, batch: dict, labels: np.ndarray,
              config: FinetuneConfig, *, seed: int = 0, progress: bool = True,
              desc: str = "fine-tune") -> FinetuneResult:
     """Fine-tune encoder + linear head with AdamW on softmax cross-entropy.
+
+    Schedule: :func:`lr_schedule` (linear warm-up, cosine decay) with peak
+    ``config.learning_rate`` for the encoder and ``config.head_learning_rate`` for the head;
+    gradients clipped to global norm ``config.grad_clip``; decoupled weight decay
+    ``config.weight_decay``. Batches: :func:`batch_plan` (length-bucketed for text adapters).
 
     Args:
       adapter: model adapter; ``adapter.apply`` is differentiated (run deterministically: no
@@ -308,51 +457,33 @@ def finetune(adapter: ModelAdapter, params: PyTree, head: dict, batch: dict, lab
     """
     labels = np.asarray(labels, np.int32)
     n = len(labels)
+    if n == 0:
+        raise ValueError("finetune needs at least one training example")
     bs = min(config.batch_size, n)
-    steps_per_epoch = n // bs
-    total = steps_per_epoch * config.epochs
-    trainable, frozen = partition(params, config.frozen)
-    warm = int(round(config.warmup_fraction * total))
-
-    def sched(peak):
-        if warm > 0:
-            return optax.warmup_cosine_decay_schedule(0.0, peak, warm, max(total, warm + 1), end_value=0.0)
-        return optax.cosine_decay_schedule(peak, max(total, 1))
-
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
-        optax.multi_transform(
-            {"encoder": optax.adamw(sched(config.learning_rate), weight_decay=config.weight_decay),
-             "head": optax.adamw(sched(config.head_learning_rate), weight_decay=config.weight_decay)},
-            {"encoder": "encoder", "head": "head"}))
-    state = {"encoder": trainable, "head": jax.tree_util.tree_map(jnp.asarray, head)}
-    opt_state = tx.init(state)
-
-    def loss_fn(st, frozen, b, y):
-        feats = adapter.apply(combine(st["encoder"], frozen), b)
-        lg = head_logits(st["head"], feats)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(lg, y))
-
-    @jax.jit
-    def step(st, opt_state, frozen, b, y):
-        loss, grads = jax.value_and_grad(loss_fn)(st, frozen, b, y)
-        updates, opt_state = tx.update(grads, opt_state, st)
-        return optax.apply_updates(st, updates), opt_state, loss
-
+    lengths = None
+    if adapter.length_buckets and "attention_mask" in batch:
+        lengths = np.asarray(batch["attention_mask"]).sum(axis=1)
     rng = np.random.default_rng(seed)
+    plan = batch_plan(n, bs, config.epochs, rng, lengths, adapter.length_buckets)
+    total = len(plan)
+    lr_e = lr_schedule(config.learning_rate, total, config.warmup_fraction)
+    lr_h = lr_schedule(config.head_learning_rate, total, config.warmup_fraction)
+    trainable, frozen = partition(params, config.frozen)
+    adam, step = _train_step(adapter, config.grad_clip, config.weight_decay)
+    state = {"encoder": jax.tree_util.tree_map(jnp.asarray, trainable),
+             "head": jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), head)}
+    opt_state = adam.init(state)
     losses = []
     bar = _tqdm(total=total, desc=desc, disable=not progress)
     try:
-        for _ in range(config.epochs):
-            perm = rng.permutation(n)
-            for i in range(steps_per_epoch):
-                idx = np.sort(perm[i * bs:(i + 1) * bs])
-                b = trim_batch(take(batch, idx), adapter.length_buckets)
-                state, opt_state, loss = step(state, opt_state, frozen, b, labels[idx])
-                losses.append(loss)
-                bar.update(1)
-                if (len(losses) % 10) == 0:
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
+        for i, idx in enumerate(plan):
+            b = trim_batch(take(batch, idx), adapter.length_buckets)
+            state, opt_state, loss = step(state, opt_state, frozen, b, labels[idx],
+                                          lr_e[i], lr_h[i])
+            losses.append(loss)
+            bar.update(1)
+            if (i + 1) % 10 == 0:
+                bar.set_postfix(loss=f"{float(np.mean([float(l) for l in losses[-10:]])):.4f}")
     finally:
         bar.close()
     new = combine(state["encoder"], frozen)
@@ -479,7 +610,7 @@ def build_experts(benchmark: str | BenchmarkSpec, *, cache_dir: str | None = Non
         load = data.load
     root = os.path.join(os.fspath(cache_dir) if cache_dir is not None else _default_cache_dir(),
                         "experts", spec.name)
-    t_start = time.time()
+    t_start, c_start = time.time(), time.process_time()
     adapter = spec.make_adapter(config)
     base = adapter.params
     base_sum = checkpoint.tree_checksum(base)
@@ -498,29 +629,44 @@ def build_experts(benchmark: str | BenchmarkSpec, *, cache_dir: str | None = Non
                      "bias": np.zeros((nc,), np.float32)}
         tdir = os.path.join(root, task)
 
-        # -- linear probe on frozen pretrained features (seed-independent subset)
+        # -- linear probe on frozen pretrained features (seed-independent subsets)
         pidx = _subset(len(labels), config.probe_max_train, seed=0)
         p_hash = data_hash(_select(inputs, pidx), labels[pidx])
+        val = None
+        if config.probe_l2_grid:
+            v_inputs, v_labels = load(task, "validation")
+            vidx = _subset(len(v_labels), config.probe_max_val, seed=0)
+            val = (_select(v_inputs, vidx), np.asarray(v_labels)[vidx])
+            p_hash = hashlib.sha256((p_hash + data_hash(*val)).encode()).hexdigest()
         p_want = {"kind": "probe", "benchmark": spec.name, "task": task, "adapter": adapter.preprocess_key,
                   "config": _jsonable(config.probe_part()), "data_hash": p_hash, "base_checksum": base_sum,
                   "num_classes": nc}
         pdir = os.path.join(tdir, "probe")
         tree, why = _try_reuse(pdir, p_want, {"head": head_like})
-        tp = time.time()
+        tp, cp = time.time(), time.process_time()
         if tree is None:
             if why != "no manifest":
                 log.warning("rebuilding linear probe %s/%s: %s", spec.name, task, why)
             feats = extract_features(adapter, base, adapter.preprocess(_select(inputs, pidx)),
                                      config.feature_batch_size)
-            probe = linear_probe(feats, labels[pidx], nc, l2=config.probe_l2, steps=config.probe_steps)
-            _store(pdir, {"head": probe}, {**p_want, "n_train": int(len(pidx))})
+            vfeats = None if val is None else extract_features(adapter, base, adapter.preprocess(val[0]),
+                                                               config.feature_batch_size)
+            fit = linear_probe(feats, labels[pidx], nc, l2=config.probe_l2, steps=config.probe_steps,
+                               val_features=vfeats, val_labels=None if val is None else val[1],
+                               l2_grid=config.probe_l2_grid)
+            probe = fit.head
+            _store(pdir, {"head": probe}, {**p_want, "n_train": int(len(pidx)), "l2": fit.l2,
+                                           "val_accuracy": {str(k): v for k, v in fit.val_accuracy.items()}})
             st["probe_reused"] = False
         else:
             probe = tree["head"]
             st["probe_reused"] = True
+        pm = _read_manifest(pdir) or {}
+        st["probe_l2"], st["probe_val_accuracy"] = pm.get("l2"), pm.get("val_accuracy")
         st["probe_reason"] = why
         st["n_probe"] = int(len(pidx))
         st["probe_seconds"] = time.time() - tp
+        st["probe_cpu_seconds"] = time.process_time() - cp
         probes[task] = probe
 
         # -- expert (LP-FT)
@@ -533,7 +679,7 @@ def build_experts(benchmark: str | BenchmarkSpec, *, cache_dir: str | None = Non
         edir = os.path.join(tdir, f"seed{seed}")
         like = {"encoder": jax.tree_util.tree_map(np.asarray, base_trainable), "head": head_like}
         tree, why = _try_reuse(edir, e_want, like)
-        te = time.time()
+        te, ce = time.time(), time.process_time()
         if tree is None:
             if why != "no manifest":
                 log.warning("rebuilding expert %s/%s seed %d: %s", spec.name, task, seed, why)
@@ -553,12 +699,15 @@ def build_experts(benchmark: str | BenchmarkSpec, *, cache_dir: str | None = Non
         st["first_loss"], st["final_loss"] = m.get("first_loss"), m.get("final_loss")
         st["n_train"] = int(len(idx))
         st["expert_seconds"] = time.time() - te
+        st["expert_cpu_seconds"] = time.process_time() - ce
         st["seconds"] = time.time() - t0
         experts.append(_like(combine(tree["encoder"], base_frozen), base))
         heads[task] = tree["head"]
         stats[task] = st
     stats["_total_seconds"] = time.time() - t_start
-    return Benchmark(spec.name, tasks, adapter, base, experts, heads, probes, config, stats, int(seed))
+    stats["_total_cpu_seconds"] = time.process_time() - c_start
+    return Benchmark(spec.name, tasks, adapter, base, experts, heads, probes, config, stats, int(seed),
+                     load)
 
 
 def _subset(n: int, k: int, seed: int) -> np.ndarray:
@@ -568,4 +717,4 @@ def _subset(n: int, k: int, seed: int) -> np.ndarray:
 
 
 __all__ = ["FinetuneConfig", "BenchmarkSpec", "Benchmark", "BENCHMARKS", "build_experts", "finetune",
-           "linear_probe", "extract_features", "partition", "combine", "data_hash", "get_benchmark"]
+           "linear_probe", "ProbeFit", "lr_schedule", "batch_plan", "scaled_image_load", "FinetuneResult", "extract_features", "partition", "combine", "data_hash", "get_benchmark"]

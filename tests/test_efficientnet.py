@@ -157,6 +157,14 @@ def pretrained():
 
 
 @pytest.fixture(scope="module")
+def fwd():
+    """``model.apply`` jitted once for the module (op-by-op dispatch of the whole network is
+    slow on CPU; each distinct (shape, start, stop, output) compiles once)."""
+    from bmm_jax.models import efficientnet_lite as E
+    return jax.jit(E.EfficientNetLite0().apply, static_argnames=("start", "stop", "output"))
+
+
+@pytest.fixture(scope="module")
 def state_dict():
     from bmm_jax.models import efficientnet_lite as E
     return torch_pickle.load_legacy(E.weights_path())
@@ -247,7 +255,7 @@ def _relu6(x):
 
 
 @needs_weights
-def test_first_blocks_match_numpy_reference(pretrained, state_dict):
+def test_first_blocks_match_numpy_reference(pretrained, state_dict, fwd):
     """Stem + blocks 0-3 (stride-2 3x3 and 5x5 depthwise, a skip block) on an odd-sized input
     against a float64 numpy implementation written from the PyTorch reference semantics."""
     model, v = pretrained
@@ -266,7 +274,7 @@ def test_first_blocks_match_numpy_reference(pretrained, state_dict):
                           sd, f"{pre}._bn1"))
         h = _np_bn(_np_conv(h, sd[f"{pre}._project_conv.weight"]), sd, f"{pre}._bn2")
         x = h + x if (s == 1 and h.shape == x.shape) else h
-    got = np.asarray(model.apply(v, jnp.asarray(img), stop=4))
+    got = np.asarray(fwd(v, jnp.asarray(img), stop=4))
     assert got.shape == x.shape == (2, 3, 3, 40)
     np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4 * np.abs(x).max())
 
@@ -288,13 +296,12 @@ def test_sample_images_classified(pretrained):
 
 
 @needs_weights
-def test_split_forward_features_and_jit(pretrained):
+def test_split_forward_features_and_jit(pretrained, fwd):
     model, v = pretrained
     imgs = np.random.default_rng(1).integers(0, 256, size=(3, 32, 32, 3)).astype(np.uint8)
-    fwd = jax.jit(model.apply, static_argnames=("start", "stop", "output"))
-    feats = fwd(v, imgs, output="features")
-    logits = model.apply(v, imgs)  # not jitted
+    feats = fwd(v, imgs.astype(np.float32), output="features")   # the whole network
     low = fwd(v, imgs, stop=12)
+    logits = fwd(v, low, start=12, output="logits")
     assert low.shape == (3, 1, 1, 192)
     top = fwd(v, low, start=12, output="features")
     assert feats.shape == (3, 1280)
@@ -313,3 +320,73 @@ def test_missing_package_message(monkeypatch):
     monkeypatch.setattr(E.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="bmm-data install"):
         E.load_pretrained()
+
+
+# ---------------------------------------------------------------------------------------------
+# The EfficientNet-Lite0 adapter (frozen trunk in preprocessing, top blocks merged)
+
+
+@pytest.fixture(scope="module")
+def effnet(pretrained):
+    from bmm_jax.models.effnet_adapter import effnet_adapter
+    return effnet_adapter(image_size=32, split_at=12, batch_size=2)
+
+
+@needs_weights
+def test_effnet_adapter_matches_full_network(effnet, pretrained, fwd):
+    from bmm_jax.models.adapter import to_image_array
+    model, v = pretrained
+    a = effnet
+    assert sorted(a.params) == ["blocks_12", "blocks_13", "blocks_14", "blocks_15", "conv_head", "head_bn"]
+    assert sorted(a.extra_variables["batch_stats"]) == sorted(set(a.params) - {"conv_head"})
+    assert a.feature_dim == 1280
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, size=(3, 28, 28)).astype(np.uint8)   # 3 = one full + one padded chunk
+    batch = a.preprocess(grey)
+    assert batch["features"].shape == (3, 1, 1, 192) and batch["features"].dtype == np.float32
+    feats = np.asarray(a.jit_apply(a.params, batch))
+    ref = fwd(v, to_image_array(grey, 32), output="features")      # the whole network
+    np.testing.assert_allclose(feats, np.asarray(ref), rtol=1e-5, atol=1e-5)
+    # RGB input (another size) and an empty batch
+    rgb = rng.integers(0, 256, size=(3, 40, 40, 3)).astype(np.uint8)
+    np.testing.assert_allclose(np.asarray(a.jit_apply(a.params, a.preprocess(rgb))),
+                               np.asarray(fwd(v, to_image_array(rgb, 32), output="features")),
+                               rtol=1e-5, atol=1e-5)
+    assert a.preprocess(np.zeros((0, 28, 28), np.uint8))["features"].shape == (0, 1, 1, 192)
+
+
+@needs_weights
+def test_effnet_adapter_labels_and_capture(effnet):
+    from bmm_jax.models import efficientnet_lite as E
+    a = effnet
+    labs = regressed(a.labels)
+    want = set()
+    for i in range(12, 16):
+        s = E.BLOCKS[i]
+        want |= {(i, "mlp-in", s.in_channels, s.expanded), (i, "mlp-out", s.expanded, s.out_channels)}
+    assert {(l.block, l.kind, l.d_in, l.d_out) for l in labs} == want
+    assert {l.layout for l in labs} == {"conv1x1"}
+    batch = a.preprocess(np.random.default_rng(0).integers(0, 256, size=(3, 28, 28)).astype(np.uint8))
+    cap = jax.jit(a.capture)(a.params, batch, np.array([True, True, False]))
+    # block 12's expand conv reads the trunk output itself; its project conv the expanded width
+    x, m = cap["blocks_12/expand_conv/kernel"]
+    np.testing.assert_allclose(np.asarray(x), batch["features"].reshape(3, 192), rtol=0, atol=0)
+    np.testing.assert_array_equal(np.asarray(m), [True, True, False])
+    assert cap["blocks_12/project_conv/kernel"].x.shape == (3, 1152)
+
+
+@needs_weights
+def test_effnet_adapter_full_network_and_errors():
+    from bmm_jax.models.effnet_adapter import effnet_adapter
+    full = effnet_adapter(image_size=16, split_at=0)
+    assert "stem_conv" in full.params and "fc" not in full.params
+    assert len(regressed(full.labels)) == 31
+    b = full.preprocess(np.zeros((2, 8, 8), np.uint8))
+    assert b["features"].shape == (2, 16, 16, 3)
+    assert jax.eval_shape(full.apply, full.params, b).shape == (2, 1280)
+    with pytest.raises(ValueError, match="split_at"):
+        effnet_adapter(split_at=17)
+    with pytest.raises(ValueError, match="image_size"):
+        effnet_adapter(image_size=4)
+    with pytest.raises(TypeError, match="raw images"):
+        full.preprocess({"features": np.zeros((1, 16, 16, 3))})

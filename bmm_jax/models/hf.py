@@ -60,7 +60,7 @@ def load_hf_model(family: str, *, path: str | None = None, config: Any = None, s
       add_pooling_layer: BERT / RoBERTa / ViT only; ``None`` keeps the family default.
 
     Returns:
-      ``(model, params)``: the ``FlaxPreTrainedModel`` (built with ``_do_init=False``; its
+      ``(model, params)``: the ``FlaxPreTrainedModel`` (its
       ``.module`` is the linen module; call it with ``params=``) and its params (nested dicts).
     """
     if family not in FAMILIES:
@@ -80,9 +80,18 @@ def load_hf_model(family: str, *, path: str | None = None, config: Any = None, s
         if from_pt and not ({"model.safetensors", "pytorch_model.bin"} & files):
             raise FileNotFoundError(f"{path} holds no flax_model.msgpack, model.safetensors or pytorch_model.bin")
         with jax.numpy_dtype_promotion("standard"):   # HF Flax code assumes standard promotion
-            model, params = model_cls.from_pretrained(path, from_pt=from_pt, local_files_only=True,
-                                                      _do_init=False, **kwargs)
-        return model, _plain(params)
+            if from_pt:
+                # transformers' PyTorch->Flax conversion reads the randomly initialised params to
+                # match names and shapes, so it needs ``_do_init=True``.
+                model = model_cls.from_pretrained(path, from_pt=True, local_files_only=True, **kwargs)
+                params = model.params
+            else:
+                model, params = model_cls.from_pretrained(path, local_files_only=True, _do_init=False,
+                                                          **kwargs)
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32)
+                                        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.asarray(x),
+                                        _plain(params))
+        return model, params
     if isinstance(config, dict):
         config = config_cls(**config)
     if not isinstance(config, config_cls):
