@@ -36,6 +36,7 @@ from bmm_jax.grams._base import Grams
 from bmm_jax.labels import Label, build_labels, label_list
 from bmm_jax.sharding import module_mesh, shard_stack
 from bmm_jax.solve import (HIGHEST, EigenFactors, check_prior, check_rho, eigen_factors_stacked,
+                           lapack_single_thread,
                            is_singular, normal_equations, normal_equations_factored,
                            solve_stacked_diagonal, solve_stacked_isotropic)
 
@@ -207,10 +208,31 @@ class ModuleStats(NamedTuple):
     ta: jax.Array
 
 
+def _module_stat(l: Label, base_leaf, expert_leaves, anchor_leaf, grams, k: int, w) -> ModuleStats | None:
+    """``S, B, T_a`` of one regressed module, or ``None`` if every expert left it unchanged."""
+    t = l.to_matrix(_task_kernels(base_leaf, expert_leaves))
+    if not bool(jnp.any(t != 0)):
+        return None
+    how, g = _gram_lookup(grams, l.path, k, l)
+    s, b = (normal_equations_factored if how == "factor" else normal_equations)(t, g, w)
+    del t, g
+    ta = l.to_matrix(_anchor_task_vector(anchor_leaf, base_leaf))
+    if float(jnp.trace(s)) <= 0.0:
+        raise ValueError(f"singular system at module '{l.path}': every Gram is zero there (S = 0), "
+                         "although the experts changed it; check the Gram estimation")
+    return ModuleStats(l, s, b, ta)
+
+
+@jax.jit
+def _anchor_task_vector(anchor_leaf, base_leaf):
+    return anchor_leaf.astype(jnp.float32) - base_leaf.astype(jnp.float32)
+
+
 def module_statistics(base: PyTree, experts: Sequence[PyTree], anchor: PyTree, grams, labels: PyTree,
                       weights=None) -> tuple[list[ModuleStats], list[str]]:
     """``S, B, T_a`` of every regressed module (task kernels formed one module at a time, so peak
-    memory is one module's ``[K, d_in, d_out]`` on top of the inputs).
+    memory is one module's ``[K, d_in, d_out]`` on top of the inputs and the returned statistics;
+    :func:`merge` and :func:`prepare` stream them per chunk of same-shape modules instead).
 
     Returns:
       ``(stats, unchanged)``: statistics of the modules to solve, and paths of regressed modules
@@ -226,18 +248,40 @@ def module_statistics(base: PyTree, experts: Sequence[PyTree], anchor: PyTree, g
     for i, l in enumerate(lab):
         if not l.regressed:
             continue
-        t = l.to_matrix(_task_kernels(base_leaves[i], [e[i] for e in expert_leaves]))
-        if not bool(jnp.any(t != 0)):
+        st = _module_stat(l, base_leaves[i], [e[i] for e in expert_leaves], anchor_leaves[i], grams, k, w)
+        if st is None:
             unchanged.append(l.path)
-            continue
-        how, g = _gram_lookup(grams, l.path, k, l)
-        s, b = (normal_equations_factored if how == "factor" else normal_equations)(t, g, w)
-        ta = l.to_matrix(jnp.asarray(anchor_leaves[i], jnp.float32) - jnp.asarray(base_leaves[i], jnp.float32))
-        if float(jnp.trace(s)) <= 0.0:
-            raise ValueError(f"singular system at module '{l.path}': every Gram is zero there (S = 0), "
-                             "although the experts changed it; check the Gram estimation")
-        stats.append(ModuleStats(l, s, b, ta))
+        else:
+            stats.append(st)
     return stats, unchanged
+
+
+# Cap on the float32 elements of one stacked chunk of same-shape modules (S, B and T_a together):
+# merge / prepare form the statistics chunk by chunk, so their peak memory on top of the inputs is
+# one chunk (256 MiB at the default), never the statistics of every module.
+CHUNK_ELEMENTS = 2 ** 26
+
+
+def _module_chunks(lab: Sequence[Label], n_devices: int, max_elements: int = CHUNK_ELEMENTS):
+    """Leaf indices of the regressed modules, grouped by ``(d_in, d_out)`` and split into chunks.
+
+    Yields ``(shape, [leaf indices])``. A chunk holds a multiple of ``n_devices`` modules (so it
+    shards evenly) whose ``d_in^2 + 2 d_in d_out`` elements stay under ``max_elements`` (at least
+    ``n_devices`` modules); the chunks of one shape have balanced sizes, so a shape compiles its
+    stacked solve at most twice.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, l in enumerate(lab):
+        if l.regressed:
+            groups.setdefault((l.d_in, l.d_out), []).append(i)
+    for (d_in, d_out), idx in groups.items():
+        per = d_in * d_in + 2 * d_in * d_out
+        cap = n_devices * max(1, max_elements // (n_devices * per))
+        n_chunks = -(-len(idx) // cap)
+        size = -(-len(idx) // n_chunks)
+        size = -(-size // n_devices) * n_devices
+        for j in range(0, len(idx), size):
+            yield (d_in, d_out), idx[j:j + size]
 
 
 def _carried_leaf(mode: str, base_leaf, anchor_leaf, expert_leaves, anchor_scale: float = 1.0):
@@ -270,17 +314,31 @@ def _shape_groups(stats: Sequence[ModuleStats]) -> dict[tuple[int, int], list[in
     return groups
 
 
+@jax.jit
+def _add_delta(base_leaf, delta):
+    return (base_leaf.astype(jnp.float32) + delta).astype(base_leaf.dtype)
+
+
+def _apply_delta(l: Label, base_leaf, delta):
+    """The merged leaf ``W_0 + delta`` (``delta [d_in, d_out]`` in the 2-D view) in the leaf's layout/dtype."""
+    return _add_delta(jnp.asarray(base_leaf), l.from_matrix(delta))
+
+
 def _assemble(base: PyTree, labels: PyTree, anchor: PyTree, experts, deltas: Mapping[str, jax.Array],
-              carry: str, anchor_scale: float = 1.0) -> PyTree:
+              carry: str, anchor_scale: float = 1.0, solved: Mapping[str, Any] | None = None) -> PyTree:
+    """Merged pytree: ``W_0 + deltas[path]`` for solved modules (or the finished leaf ``solved[path]``),
+    the base for regressed modules no expert changed, the ``carry`` rule elsewhere."""
     lab = label_list(labels)
     base_leaves, treedef = jax.tree_util.tree_flatten(base)
     anchor_leaves = jax.tree_util.tree_leaves(anchor)
     expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
+    solved = {} if solved is None else solved
     out = []
     for i, (l, b) in enumerate(zip(lab, base_leaves)):
-        if l.regressed and l.path in deltas:
-            bl = jnp.asarray(b)
-            out.append((bl.astype(jnp.float32) + l.from_matrix(deltas[l.path])).astype(bl.dtype))
+        if l.regressed and l.path in solved:
+            out.append(solved[l.path])
+        elif l.regressed and l.path in deltas:
+            out.append(_apply_delta(l, b, deltas[l.path]))
         elif l.regressed:          # no expert changed it
             out.append(b)
         else:
@@ -340,34 +398,54 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
     if grams is None:
         from bmm_jax.grams.data_free import data_free
         grams = data_free(base, experts, labels)
-    stats, unchanged = module_statistics(base, experts, anchor, grams, labels, weights)
-    for st in stats:
-        if hp[st.label.path][0] == 0.0 and is_singular(st.s):
-            raise ValueError(f"singular system at module '{st.label.path}' ({st.label.d_in} x "
-                             f"{st.label.d_out}): rho = 0 and the weighted Gram S is rank-deficient; "
-                             "use rho > 0 (the anchor prior regularises it)")
     mesh = module_mesh(devices)
     solver = solve_stacked_diagonal if prior == "diagonal" else solve_stacked_isotropic
-    deltas, diags = {}, {}
-    for shape, idx in _shape_groups(stats).items():
-        m = len(idx)
-        s = shard_stack([stats[j].s for j in idx], mesh)
-        b = shard_stack([stats[j].b for j in idx], mesh)
-        ta = shard_stack([stats[j].ta for j in idx], mesh)
-        rho = shard_stack(jnp.asarray([hp[stats[j].label.path][0] for j in idx], jnp.float32), mesh)
-        sc = shard_stack(jnp.asarray([hp[stats[j].label.path][1] for j in idx], jnp.float32), mesh)
-        out = solver(s, b, ta, rho, sc)[:m]
-        finite = np.asarray(jnp.all(jnp.isfinite(out), axis=(1, 2)))
-        for pos, j in enumerate(idx):
-            path = stats[j].label.path
-            if not finite[pos]:
-                raise ValueError(f"singular system at module '{path}': the solve produced NaN/Inf "
-                                 f"(rho = {hp[path][0]}); increase rho")
-            deltas[path] = out[pos]
-            diags[path] = _diag(stats[j], *hp[path], out[pos])
+    lab = label_list(labels)
+    k = len(experts)
+    w = _weights(weights, k)
+    base_leaves = jax.tree_util.tree_leaves(base)
+    anchor_leaves = jax.tree_util.tree_leaves(anchor)
+    expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
+    solved, diags, unchanged = {}, {}, []
+    # stream: statistics of one chunk of same-shape modules -> one stacked solve -> merged leaves
+    with lapack_single_thread():
+        for shape, chunk in _module_chunks(lab, int(mesh.devices.size)):
+            stats = []
+            for i in chunk:
+                st = _module_stat(lab[i], base_leaves[i], [e[i] for e in expert_leaves], anchor_leaves[i],
+                                  grams, k, w)
+                if st is None:
+                    unchanged.append(lab[i].path)
+                    continue
+                if hp[st.label.path][0] == 0.0 and is_singular(st.s):
+                    raise ValueError(f"singular system at module '{st.label.path}' ({st.label.d_in} x "
+                                     f"{st.label.d_out}): rho = 0 and the weighted Gram S is rank-deficient; "
+                                     "use rho > 0 (the anchor prior regularises it)")
+                stats.append((i, st))
+            if not stats:
+                continue
+            m = len(stats)
+            s = shard_stack([st.s for _, st in stats], mesh)
+            b = shard_stack([st.b for _, st in stats], mesh)
+            ta = shard_stack([st.ta for _, st in stats], mesh)
+            rho = shard_stack(jnp.asarray([hp[st.label.path][0] for _, st in stats], jnp.float32), mesh)
+            sc = shard_stack(jnp.asarray([hp[st.label.path][1] for _, st in stats], jnp.float32), mesh)
+            out = solver(s, b, ta, rho, sc)[:m]
+            del s, b, ta
+            finite = np.asarray(jnp.all(jnp.isfinite(out), axis=(1, 2)))
+            for pos, (i, st) in enumerate(stats):
+                path = st.label.path
+                if not finite[pos]:
+                    raise ValueError(f"singular system at module '{path}': the solve produced NaN/Inf "
+                                     f"(rho = {hp[path][0]}); increase rho")
+                diags[path] = _diag(st, *hp[path], out[pos])
+                solved[path] = _apply_delta(st.label, base_leaves[i], out[pos])
+            del stats, out
+        jax.block_until_ready(solved)
     for path in unchanged:
         diags[path] = {"carried": True, "reason": "no expert changed this module"}
-    params = _assemble(base, labels, anchor, experts, deltas, carry)
+    diags = {l.path: diags[l.path] for l in lab if l.path in diags}       # tree order
+    params = _assemble(base, labels, anchor, experts, {}, carry, solved=solved)
     return MergeResult(params, {"modules": diags, "carry": carry, "prior": prior,
                                 "num_experts": len(experts), "devices": int(mesh.devices.size),
                                 "seconds": time.perf_counter() - t0})
@@ -402,14 +480,14 @@ class Prepared:
         self._lambda_unit = stats_diag           # {path: tr(S)/d_in}
         self.modules = tuple(p for st in stacks for p in st.paths)
         self._carried_cache: dict[float, PyTree] = {}
+        self._index: dict | None = None          # {path: (label, base leaf)}, built on first use
 
-    def deltas(self, hparams: Mapping, *, anchor_scale: float = 1.0) -> dict[str, jax.Array]:
-        """``{path: s * Delta [d_in, d_out]}`` for every solved module."""
+    def _stack_deltas(self, hparams: Mapping, anchor_scale: float):
+        """Yields ``(paths, res [M, d_in, d_out])`` stack by stack (one stack's result alive at a time)."""
         hp = resolve_hparams(hparams, self.labels)
         c = float(anchor_scale)
         if not math.isfinite(c):
             raise ValueError(f"anchor_scale must be finite, got {anchor_scale}")
-        out = {}
         for st in self._stacks:
             m = len(st.paths)
             rho = shard_stack(jnp.asarray([hp[p][0] for p in st.paths], jnp.float32), self._mesh)
@@ -429,25 +507,50 @@ class Prepared:
                     raise ValueError(f"singular system at module '{bad[0]}': rho = 0 and S is "
                                      "rank-deficient; use rho > 0")
                 res = solve_stacked_diagonal(s, b, c * ta, rho, sc)[:m]
-            for pos, p in enumerate(st.paths):
+            yield st.paths, res
+
+    def deltas(self, hparams: Mapping, *, anchor_scale: float = 1.0) -> dict[str, jax.Array]:
+        """``{path: s * Delta [d_in, d_out]}`` for every solved module."""
+        out = {}
+        for paths, res in self._stack_deltas(hparams, anchor_scale):
+            for pos, p in enumerate(paths):
                 out[p] = res[pos]
         return out
+
+    def _solved_leaves(self, hparams: Mapping, anchor_scale: float, norms: dict | None = None) -> dict:
+        """``{path: merged leaf}``, applied stack by stack (no dict of every delta is kept)."""
+        if self._index is None:
+            base_leaves = jax.tree_util.tree_leaves(self.base)
+            self._index = {l.path: (l, base_leaves[i]) for i, l in enumerate(label_list(self.labels))
+                           if l.regressed}
+        solved = {}
+        for paths, res in self._stack_deltas(hparams, anchor_scale):
+            for pos, p in enumerate(paths):
+                l, b = self._index[p]
+                solved[p] = _apply_delta(l, b, res[pos])
+                if norms is not None:
+                    norms[p] = float(jnp.linalg.norm(res[pos]))
+            del res
+        return solved
 
     def params(self, hparams: Mapping, *, anchor_scale: float = 1.0) -> PyTree:
         """Merged params for ``hparams`` (any form accepted by :func:`merge`). ``anchor_scale``
         multiplies the anchor's task vector (in the prior mean and in carried leaves)."""
-        return _assemble(self.base, self.labels, self.anchor, self.experts,
-                         self.deltas(hparams, anchor_scale=anchor_scale), self.carry, float(anchor_scale))
+        solved = self._solved_leaves(hparams, float(anchor_scale))
+        return _assemble(self.base, self.labels, self.anchor, self.experts, {}, self.carry,
+                         float(anchor_scale), solved=solved)
 
     def merge(self, hparams: Mapping, *, anchor_scale: float = 1.0) -> MergeResult:
         t0 = time.perf_counter()
         hp = resolve_hparams(hparams, self.labels)
-        d = self.deltas(hparams, anchor_scale=anchor_scale)
+        norms: dict[str, float] = {}
+        solved = self._solved_leaves(hparams, float(anchor_scale), norms)
         diags = {p: {"rho": hp[p][0], "scale": hp[p][1], "lambda": hp[p][0] * self._lambda_unit[p],
-                     "carried": False, "delta_norm": float(jnp.linalg.norm(x))} for p, x in d.items()}
+                     "carried": False, "delta_norm": n} for p, n in norms.items()}
         for p in self.unchanged:
             diags[p] = {"carried": True, "reason": "no expert changed this module"}
-        params = _assemble(self.base, self.labels, self.anchor, self.experts, d, self.carry, float(anchor_scale))
+        params = _assemble(self.base, self.labels, self.anchor, self.experts, {}, self.carry,
+                           float(anchor_scale), solved=solved)
         return MergeResult(params, {"modules": diags, "carry": self.carry, "prior": self.prior,
                                     "num_experts": len(self.experts), "devices": int(self._mesh.devices.size),
                                     "seconds": time.perf_counter() - t0})
@@ -476,20 +579,40 @@ def prepare(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, labels:
     if grams is None:
         from bmm_jax.grams.data_free import data_free
         grams = data_free(base, experts, labels)
-    stats, unchanged = module_statistics(base, experts, anchor, grams, labels, weights)
     mesh = module_mesh(devices)
-    stacks = []
-    groups = _shape_groups(stats).items()
+    lab = label_list(labels)
+    k = len(experts)
+    w = _weights(weights, k)
+    base_leaves = jax.tree_util.tree_leaves(base)
+    anchor_leaves = jax.tree_util.tree_leaves(anchor)
+    expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
+    stacks, unchanged, unit = [], [], {}
+    chunks = list(_module_chunks(lab, int(mesh.devices.size)))
     if progress:
         from tqdm.auto import tqdm
-        groups = tqdm(list(groups), desc="eigen factors", unit="shape")
-    for shape, idx in groups:
-        s = shard_stack([stats[j].s for j in idx], mesh)
-        b = shard_stack([stats[j].b for j in idx], mesh)
-        ta = shard_stack([stats[j].ta for j in idx], mesh)
-        paths = tuple(stats[j].label.path for j in idx)
-        stacks.append(_Stack(paths, eigen_factors_stacked(s, b, ta) if prior == "isotropic" else (s, b, ta)))
-    unit = {st.label.path: float(jnp.trace(st.s)) / st.label.d_in for st in stats}
+        chunks = tqdm(chunks, desc="eigen factors", unit="chunk")
+    # stream: statistics of one chunk of same-shape modules -> stacked eigen factors; S, B, T_a freed
+    with lapack_single_thread():
+        for shape, chunk in chunks:
+            stats = []
+            for i in chunk:
+                st = _module_stat(lab[i], base_leaves[i], [e[i] for e in expert_leaves], anchor_leaves[i],
+                                  grams, k, w)
+                if st is None:
+                    unchanged.append(lab[i].path)
+                else:
+                    stats.append(st)
+                    unit[st.label.path] = float(jnp.trace(st.s)) / st.label.d_in
+            if not stats:
+                continue
+            s = shard_stack([st.s for st in stats], mesh)
+            b = shard_stack([st.b for st in stats], mesh)
+            ta = shard_stack([st.ta for st in stats], mesh)
+            paths = tuple(st.label.path for st in stats)
+            del stats
+            stacks.append(_Stack(paths, eigen_factors_stacked(s, b, ta) if prior == "isotropic" else (s, b, ta)))
+            del s, b, ta
+        jax.block_until_ready([st.factors for st in stacks])
     return Prepared(base, experts, anchor, labels, stacks, unchanged, carry, prior, mesh, unit)
 
 

@@ -17,6 +17,8 @@ explicit inverse). The eigen fast path factors ``S = Q diag(e) Q^T`` once, after
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import NamedTuple
 
 import jax
@@ -25,6 +27,35 @@ import numpy as np
 
 PRIORS = ("isotropic", "diagonal")
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@contextlib.contextmanager
+def lapack_single_thread():
+    """Run jax's CPU LAPACK/BLAS custom calls (``eigh``, ``svd``, ``qr``, Cholesky, triangular
+    solves: they go through scipy's OpenBLAS) single-threaded inside the block.
+
+    XLA's own kernels (matmuls, fusions) keep their thread pool. Multi-threaded OpenBLAS spins
+    while waiting for its threads: on a busy machine (every core shared) that made a 768 x 768 SVD
+    or a 3072 x 3072 ``eigh`` 4-20x slower than one thread, and gains little on an idle 2-core one.
+    Work started inside the block must also finish inside it (block on the results), since jax
+    dispatches asynchronously. A no-op without ``threadpoolctl``.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:                                  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def single_thread_lapack(fn):
+    """Decorator: run ``fn`` under :func:`lapack_single_thread` and block on its result."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with lapack_single_thread():
+            return jax.block_until_ready(fn(*args, **kwargs))
+    return wrapper
 
 
 def check_rho(rho, where: str = "") -> None:
@@ -50,10 +81,21 @@ def normal_equations(task_kernels, grams, weights):
 
 @jax.jit
 def normal_equations_factored(task_kernels, factors, weights):
-    """``(S, B)`` when ``G_k = F_k F_k^T`` with ``factors [K,d_in,r]`` (no ``[K,d,d]`` formed)."""
-    s = jnp.einsum("k,kir,kjr->ij", weights, factors, factors, precision=HIGHEST)
+    """``(S, B)`` when ``G_k = F_k F_k^T`` with ``factors [K,d_in,r]``.
+
+    The cheaper order is picked from the (static) shapes: for ``r < d_in`` (tall modules, e.g.
+    mlp-out with data-free factors) ``B = sum_k w_k F_k (F_k^T T_k)`` never forms ``[K,d,d]``
+    (``2 K d_in r d_out`` flops); otherwise ``G_k`` is formed once and reused for ``S`` and
+    ``B = sum_k w_k G_k T_k`` (``K d_in^2 d_out``, instead of ``2 K d_in r d_out`` with ``r >= d_in``).
+    """
+    d_in, r = factors.shape[1:]
+    if r >= d_in:
+        g = jnp.einsum("kir,kjr->kij", factors, factors, precision=HIGHEST)
+        return normal_equations(task_kernels, g, weights)
+    fw = factors * weights[:, None, None]
+    s = jnp.einsum("kir,kjr->ij", fw, factors, precision=HIGHEST)
     ft = jnp.einsum("kjr,kjo->kro", factors, task_kernels, precision=HIGHEST)
-    b = jnp.einsum("k,kir,kro->io", weights, factors, ft, precision=HIGHEST)
+    b = jnp.einsum("kir,kro->io", fw, ft, precision=HIGHEST)
     return s, b
 
 
@@ -102,6 +144,7 @@ def is_singular(s) -> bool:
     return bool(e.min() <= tol)
 
 
+@single_thread_lapack
 def solve_anchored(task_kernels, grams, anchor_kernel, *, rho, scale=1.0, weights=None,
                    prior: str = "isotropic"):
     """Closed-form anchored regression of one module (method.md §2).

@@ -13,6 +13,7 @@ are handled in one place.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from bmm_jax._tree import PyTree, check_experts, leaves_with_paths
 from bmm_jax.labels import Label, build_labels, label_list
+from bmm_jax.solve import single_thread_lapack
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -50,10 +52,9 @@ class Context(NamedTuple):
         return is_float_dtype(leaf_dtype(self.base_leaves[i]))
 
     def taus(self, i: int) -> jax.Array:
-        """``[K, *shape]`` task vectors of leaf ``i`` in the compute dtype."""
+        """``[K, *shape]`` task vectors of leaf ``i`` in the compute dtype (one fused kernel)."""
         dt = compute_dtype(leaf_dtype(self.base_leaves[i]))
-        b = jnp.asarray(self.base_leaves[i], dt)
-        return jnp.stack([jnp.asarray(e[i], dt) - b for e in self.expert_leaves])
+        return stack_task_vectors(self.base_leaves[i], [e[i] for e in self.expert_leaves], dt)
 
     def matrices(self, i: int) -> jax.Array:
         """``[K, d_in, d_out]`` task kernels of regressed leaf ``i`` (compute dtype)."""
@@ -64,6 +65,18 @@ class Context(NamedTuple):
         if self.labels is None:
             return []
         return [i for i, l in enumerate(self.labels) if l.regressed and self.is_float(i)]
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def stack_task_vectors(base_leaf, expert_leaves, dtype):
+    """``[K, *shape]``: ``expert_leaves[k] - base_leaf`` in ``dtype``."""
+    b = jnp.asarray(base_leaf).astype(dtype)
+    return jnp.stack([jnp.asarray(e).astype(dtype) - b for e in expert_leaves])
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _add_scaled(base_leaf, delta, scale, dtype):
+    return (base_leaf.astype(dtype) + scale * delta.astype(dtype)).astype(base_leaf.dtype)
 
 
 def leaf_dtype(x) -> np.dtype:
@@ -132,10 +145,11 @@ def assemble(ctx: Context, delta_fn: Callable[[int], jax.Array | None], scale=1.
             out.append(jnp.asarray(b))
             continue
         cd = compute_dtype(dt)
-        out.append((jnp.asarray(b, cd) + scale * jnp.asarray(d, cd)).astype(dt))
+        out.append(_add_scaled(jnp.asarray(b), jnp.asarray(d), jnp.asarray(scale, cd), cd))
     return jax.tree_util.tree_unflatten(ctx.treedef, out)
 
 
+@single_thread_lapack
 def merge_modules(base: PyTree, experts: Sequence[PyTree], matrix_fn: Callable, *,
                   labels: PyTree | None = None, scale=1.0, other: str = "mean") -> PyTree:
     """Apply a per-module merge to every regressed module; ``other`` for the remaining leaves.

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from bmm_jax._tree import PyTree
+from bmm_jax.solve import single_thread_lapack
 from bmm_jax.anchors._common import (HIGHEST, assemble, check_fraction, mean_task_vector, prepare,
                                      psd_solve_min_norm)
 
@@ -53,6 +54,7 @@ def _cho_solve(c, b):
     return jsl.cho_solve((c, True), b)
 
 
+@single_thread_lapack
 def regmean(base: PyTree, experts: Sequence[PyTree], grams: Mapping, alpha: float = 0.95,
             labels: PyTree | None = None) -> PyTree:
     """RegMean merge: ``W_0 + (sum G~_k)^{-1} sum G~_k T_k`` per regressed module.

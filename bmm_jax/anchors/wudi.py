@@ -32,6 +32,7 @@ import optax
 from jax import lax
 
 from bmm_jax._tree import PyTree
+from bmm_jax.solve import single_thread_lapack
 from bmm_jax.anchors._common import (HIGHEST, assemble, check_scale, compute_dtype, leaf_dtype,
                                      prepare, psd_solve_min_norm)
 
@@ -84,6 +85,7 @@ def _chunks(indices, per_module: int, max_elements: int):
         yield indices[j:j + n]
 
 
+@single_thread_lapack
 def wudi(base: PyTree, experts: Sequence[PyTree], lr: float = 1e-5, steps: int = 300,
          exact: bool = False, labels: PyTree | None = None, *, rcond: float | None = None,
          max_stack_elements: int = 2 ** 26) -> PyTree:
