@@ -152,7 +152,7 @@ def run_latency(args) -> dict:
     load0 = _load()
     for dims in args.dims:
         for designer in args.latency_designers:
-            n = args.default_suggest if designer == "vizier_default" else args.latency_suggest
+            n = {"vizier_default": args.default_suggest, "gp_ucb_pe": args.ucb_suggest}.get(designer, args.latency_suggest)
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", "latency", "--worker-designer",
                    designer, "--worker-dims", str(dims), "--latency-init", str(args.latency_init),
                    "--worker-suggest", str(n)]
@@ -268,15 +268,24 @@ def run_one_synthetic(grouping: str, designer: str, seed: int, trials: int) -> d
             "fallbacks": sum(t.source.startswith("fallback") for t in res.trials)}
 
 
-def run_synthetic(args) -> dict:
+def run_synthetic(args, previous: dict | None = None, save=None) -> dict:
+    """Runs every (grouping, designer, seed); runs already in ``previous`` (same number of trials)
+    are kept, and ``save(partial)`` is called after each new run, so an interrupted part resumes."""
+    old = {(r["grouping"], r["designer"], r["seed"]): r for r in (previous or {}).get("runs", [])
+           if len(r["values"]) == args.trials}
     runs = []
     load0 = _load()
     for grouping in args.groupings:
         for designer in args.synthetic_designers:
             for seed in range(args.seeds):
+                if (grouping, designer, seed) in old:
+                    runs.append(old[(grouping, designer, seed)])
+                    continue
                 r = run_one_synthetic(grouping, designer, seed, args.trials)
                 r["load"] = _load()
                 runs.append(r)
+                if save is not None:
+                    save({"runs": runs + [v for k, v in old.items() if v not in runs], "trials": args.trials})
                 print(f"  {grouping:<7} d={r['dims']:<3} {designer:<13} seed {seed}: best {r['best']:.4f}  "
                       f"wall {r['wall_s']:.1f} s  suggest median "
                       f"{'-' if r['suggest_median_s'] is None else round(r['suggest_median_s'], 2)} s  "
@@ -331,6 +340,7 @@ def plot_synthetic(res: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=100)
 
 
@@ -423,6 +433,7 @@ def run_minilm(args) -> dict:
             src = os.path.join(run_dir, png)
             if os.path.exists(src) and grouping == "type" and designer != "random":
                 import shutil
+                os.makedirs(RESULTS, exist_ok=True)
                 shutil.copy(src, os.path.join(RESULTS, f"bench_search_minilm5_{png}"))
     out["anchor"]["test"] = evals(anchor, "test")
     out["load_after"] = _load()
@@ -463,6 +474,9 @@ def main(argv=None) -> int:
     g.add_argument("--latency-init", type=int, default=10, help="completed random trials before suggesting")
     g.add_argument("--latency-suggest", type=int, default=6, help="suggestions per configured designer")
     g.add_argument("--default-suggest", type=int, default=2, help="suggestions of Vizier's default (slow)")
+    g.add_argument("--ucb-suggest", type=int, default=3,
+                   help="suggestions of the configured GP-UCB-PE (slow: Vizier rebuilds its acquisition "
+                        "optimiser, so it recompiles, at every suggestion)")
     g.add_argument("--worker-timeout", type=int, default=600)
     g = p.add_argument_group("synthetic")
     g.add_argument("--groupings", nargs="+", default=["type", "module"])
@@ -490,7 +504,7 @@ def main(argv=None) -> int:
                                         args.worker_suggest, seed=0)), flush=True)
         return 0
     if args.quick:
-        args.dims, args.latency_suggest, args.default_suggest = [4, 24], 3, 1
+        args.dims, args.latency_suggest, args.default_suggest, args.ucb_suggest = [4, 24], 3, 1, 2
         args.seeds, args.trials, args.groupings = 1, 8, ["type"]
         args.real_trials = 4
 
@@ -513,7 +527,10 @@ def main(argv=None) -> int:
         print(latency_table(results["latency"]), flush=True)
     if "synthetic" in args.parts:
         print("== search quality on the synthetic objective", flush=True)
-        results["synthetic"] = run_synthetic(args)
+        def save_partial(part):
+            results["synthetic"] = part
+            save()
+        results["synthetic"] = run_synthetic(args, results.get("synthetic"), save_partial)
         summary, table = synthetic_summary(results["synthetic"])
         results["synthetic"]["summary"] = summary
         save()

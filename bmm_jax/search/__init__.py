@@ -294,6 +294,7 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
             base = make_designer(config.designer, problem, seed=config.seed,
                                  acquisition_evaluations=config.acquisition_evaluations,
                                  ard_restarts=config.ard_restarts, trial_padding=config.trial_padding,
+                                 ard_max_iterations=config.ard_max_iterations,
                                  resume_offset=len(records))
         designer = SafeDesigner(base, space, problem, seed=config.seed, skip=len(records))
         designer.update(finished)  # re-feed the in-RAM designer from the datastore
