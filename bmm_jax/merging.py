@@ -258,8 +258,9 @@ def module_statistics(base: PyTree, experts: Sequence[PyTree], anchor: PyTree, g
 
 # Cap on the float32 elements of one stacked chunk of same-shape modules (S, B and T_a together):
 # merge / prepare form the statistics chunk by chunk, so their peak memory on top of the inputs is
-# one chunk (256 MiB at the default), never the statistics of every module.
-CHUNK_ELEMENTS = 2 ** 26
+# one chunk (64 MiB at the default, or one module per device if larger), never the statistics of
+# every module.
+CHUNK_ELEMENTS = 2 ** 24
 
 
 def _module_chunks(lab: Sequence[Label], n_devices: int, max_elements: int = CHUNK_ELEMENTS):
@@ -328,17 +329,24 @@ def _assemble(base: PyTree, labels: PyTree, anchor: PyTree, experts, deltas: Map
               carry: str, anchor_scale: float = 1.0, solved: Mapping[str, Any] | None = None) -> PyTree:
     """Merged pytree: ``W_0 + deltas[path]`` for solved modules (or the finished leaf ``solved[path]``),
     the base for regressed modules no expert changed, the ``carry`` rule elsewhere."""
+    solved = dict(solved or {})
     lab = label_list(labels)
+    base_leaves = jax.tree_util.tree_leaves(base)
+    for i, l in enumerate(lab):
+        if l.regressed and l.path not in solved and l.path in deltas:
+            solved[l.path] = _apply_delta(l, base_leaves[i], deltas[l.path])
+    return _assemble_leaves(base, lab, jax.tree_util.tree_leaves(anchor), experts, solved, carry, anchor_scale)
+
+
+def _assemble_leaves(base: PyTree, lab: Sequence[Label], anchor_leaves: Sequence, experts,
+                     solved: Mapping[str, Any], carry: str, anchor_scale: float = 1.0) -> PyTree:
+    """:func:`_assemble` from the anchor's leaf list (entries of solved modules may be ``None``)."""
     base_leaves, treedef = jax.tree_util.tree_flatten(base)
-    anchor_leaves = jax.tree_util.tree_leaves(anchor)
     expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
-    solved = {} if solved is None else solved
     out = []
     for i, (l, b) in enumerate(zip(lab, base_leaves)):
         if l.regressed and l.path in solved:
             out.append(solved[l.path])
-        elif l.regressed and l.path in deltas:
-            out.append(_apply_delta(l, b, deltas[l.path]))
         elif l.regressed:          # no expert changed it
             out.append(b)
         else:
@@ -394,6 +402,7 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
     labels = build_labels(base) if labels is None else labels
     _check_labels(labels, base)
     hp = resolve_hparams({"rho": 1.0, "scale": 1.0} if hparams is None else hparams, labels)
+    owned = isinstance(anchor, str)            # computed here: nobody else holds its leaves
     anchor = resolve_anchor(anchor, base, experts, grams=grams, labels=labels)
     if grams is None:
         from bmm_jax.grams.data_free import data_free
@@ -405,6 +414,7 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
     w = _weights(weights, k)
     base_leaves = jax.tree_util.tree_leaves(base)
     anchor_leaves = jax.tree_util.tree_leaves(anchor)
+    del anchor                                 # an owned anchor's module leaves are freed once used
     expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
     solved, diags, unchanged = {}, {}, []
     # stream: statistics of one chunk of same-shape modules -> one stacked solve -> merged leaves
@@ -414,6 +424,8 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
             for i in chunk:
                 st = _module_stat(lab[i], base_leaves[i], [e[i] for e in expert_leaves], anchor_leaves[i],
                                   grams, k, w)
+                if owned:
+                    anchor_leaves[i] = None
                 if st is None:
                     unchanged.append(lab[i].path)
                     continue
@@ -445,7 +457,7 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
     for path in unchanged:
         diags[path] = {"carried": True, "reason": "no expert changed this module"}
     diags = {l.path: diags[l.path] for l in lab if l.path in diags}       # tree order
-    params = _assemble(base, labels, anchor, experts, {}, carry, solved=solved)
+    params = _assemble_leaves(base, lab, anchor_leaves, experts, solved, carry)
     return MergeResult(params, {"modules": diags, "carry": carry, "prior": prior,
                                 "num_experts": len(experts), "devices": int(mesh.devices.size),
                                 "seconds": time.perf_counter() - t0})
@@ -471,11 +483,16 @@ class Prepared:
 
     Attributes:
       labels: the label tree. ``modules``: paths of the modules that are solved.
+      anchor: the anchor params, or ``None`` when :func:`prepare` computed the anchor from its name
+        (its solved modules' leaves are then dropped once factored: only carried leaves are kept).
     Call :meth:`params` (merged pytree) or :meth:`merge` (:class:`MergeResult`).
     """
 
-    def __init__(self, base, experts, anchor, labels, stacks, unchanged, carry, prior, mesh, stats_diag):
+    def __init__(self, base, experts, anchor, labels, stacks, unchanged, carry, prior, mesh, stats_diag,
+                 anchor_leaves=None):
         self.base, self.experts, self.anchor, self.labels = base, experts, anchor, labels
+        self._anchor_leaves = (list(jax.tree_util.tree_leaves(anchor)) if anchor_leaves is None
+                               else list(anchor_leaves))
         self._stacks, self.unchanged, self.carry, self.prior, self._mesh = stacks, unchanged, carry, prior, mesh
         self._lambda_unit = stats_diag           # {path: tr(S)/d_in}
         self.modules = tuple(p for st in stacks for p in st.paths)
@@ -537,8 +554,8 @@ class Prepared:
         """Merged params for ``hparams`` (any form accepted by :func:`merge`). ``anchor_scale``
         multiplies the anchor's task vector (in the prior mean and in carried leaves)."""
         solved = self._solved_leaves(hparams, float(anchor_scale))
-        return _assemble(self.base, self.labels, self.anchor, self.experts, {}, self.carry,
-                         float(anchor_scale), solved=solved)
+        return _assemble_leaves(self.base, label_list(self.labels), self._anchor_leaves, self.experts,
+                                solved, self.carry, float(anchor_scale))
 
     def merge(self, hparams: Mapping, *, anchor_scale: float = 1.0) -> MergeResult:
         t0 = time.perf_counter()
@@ -549,8 +566,8 @@ class Prepared:
                      "carried": False, "delta_norm": n} for p, n in norms.items()}
         for p in self.unchanged:
             diags[p] = {"carried": True, "reason": "no expert changed this module"}
-        params = _assemble(self.base, self.labels, self.anchor, self.experts, {}, self.carry,
-                           float(anchor_scale), solved=solved)
+        params = _assemble_leaves(self.base, label_list(self.labels), self._anchor_leaves, self.experts,
+                                  solved, self.carry, float(anchor_scale))
         return MergeResult(params, {"modules": diags, "carry": self.carry, "prior": self.prior,
                                     "num_experts": len(self.experts), "devices": int(self._mesh.devices.size),
                                     "seconds": time.perf_counter() - t0})
@@ -575,6 +592,7 @@ def prepare(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, labels:
     check_prior(prior)
     labels = build_labels(base) if labels is None else labels
     _check_labels(labels, base)
+    owned = isinstance(anchor, str)            # computed here: nobody else holds its leaves
     anchor = resolve_anchor(anchor, base, experts, grams=grams, labels=labels)
     if grams is None:
         from bmm_jax.grams.data_free import data_free
@@ -585,6 +603,7 @@ def prepare(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, labels:
     w = _weights(weights, k)
     base_leaves = jax.tree_util.tree_leaves(base)
     anchor_leaves = jax.tree_util.tree_leaves(anchor)
+    anchor = None if owned else anchor         # an owned anchor's module leaves are freed once used
     expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
     stacks, unchanged, unit = [], [], {}
     chunks = list(_module_chunks(lab, int(mesh.devices.size)))
@@ -598,6 +617,8 @@ def prepare(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, labels:
             for i in chunk:
                 st = _module_stat(lab[i], base_leaves[i], [e[i] for e in expert_leaves], anchor_leaves[i],
                                   grams, k, w)
+                if owned:
+                    anchor_leaves[i] = None
                 if st is None:
                     unchanged.append(lab[i].path)
                 else:
@@ -613,7 +634,8 @@ def prepare(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, labels:
             stacks.append(_Stack(paths, eigen_factors_stacked(s, b, ta) if prior == "isotropic" else (s, b, ta)))
             del s, b, ta
         jax.block_until_ready([st.factors for st in stacks])
-    return Prepared(base, experts, anchor, labels, stacks, unchanged, carry, prior, mesh, unit)
+    return Prepared(base, experts, anchor, labels, stacks, unchanged, carry, prior, mesh,
+                    unit, anchor_leaves=anchor_leaves)
 
 
 __all__ = ["merge", "prepare", "Prepared", "MergeResult", "resolve_hparams", "resolve_anchor",

@@ -181,9 +181,93 @@ def mean_task_vector(taus):
 
 @jax.jit
 def polar(x):
-    """Nearest matrix with orthonormal columns (or rows, if wide): ``U V^T`` of ``x = U S V^T``."""
+    """Nearest matrix with orthonormal columns (or rows, if wide): ``U V^T`` of ``x = U S V^T``.
+
+    A matrix at least twice as tall as wide is first reduced by QR (``x = Q R``, polar
+    ``Q polar(R)``: exact, and ~2x faster than LAPACK's SVD of the tall matrix); wide likewise.
+    """
+    m, n = x.shape[-2:]
+    if m >= 2 * n:
+        q, r = jnp.linalg.qr(x)
+        return jnp.matmul(q, _polar_svd(r), precision=HIGHEST)
+    if n >= 2 * m:
+        q, r = jnp.linalg.qr(jnp.swapaxes(x, -1, -2))
+        return jnp.swapaxes(jnp.matmul(q, _polar_svd(r), precision=HIGHEST), -1, -2)
+    return _polar_svd(x)
+
+
+def _polar_svd(x):
     u, _, vt = jnp.linalg.svd(x, full_matrices=False)
     return jnp.matmul(u, vt, precision=HIGHEST)
+
+
+def polar_fast(x):
+    """:func:`polar` of a 2-D ``x``, through :func:`polar_gram` when ``x`` is rectangular and its
+    Gram is well conditioned (checked), else through the SVD. Not traceable (data-dependent)."""
+    m, n = x.shape
+    if m != n:
+        p, ratio = _polar_gram_jit(x)
+        if float(ratio) >= POLAR_MIN_RATIO:
+            return p
+    return polar(x)
+
+
+# Gram routes to the SVD (exact maths, LAPACK eigh of the smaller Gram instead of an SVD: 1.4-6x
+# faster on CPU for 768 x 768 / 768 x 3072 kernels). Squaring the matrix squares its condition
+# number, so every caller checks the returned conditioning ratio and falls back to the SVD when
+# it is below these floors (eigenvalue ratios; float32 rounding of a Gram is ~eps * e_max).
+TOP_TRIPLETS_MIN_RATIO = 1e-4     # kept e_r / e_max: kept singular values >= 1% of the largest
+POLAR_MIN_RATIO = 1e-2            # e_min / e_max of the polar Gram: condition number <= 10
+
+
+def top_triplets_gram(x, rank: int):
+    """Top ``rank`` singular triplets of ``x [..., m, n]`` through ``eigh`` of its smaller Gram.
+
+    Returns ``(u [..., m, rank], s [..., rank], vt [..., rank, n], ratio [...])`` with singular
+    values in decreasing order and ``ratio = e_rank / e_max`` (eigenvalues of the Gram, 0 for a
+    zero matrix): the triplets are accurate when ``ratio >= TOP_TRIPLETS_MIN_RATIO``. Traceable
+    (``rank`` static).
+    """
+    m, n = x.shape[-2:]
+    xt = jnp.swapaxes(x, -1, -2)
+    wide = m <= n
+    g = jnp.matmul(x, xt, precision=HIGHEST) if wide else jnp.matmul(xt, x, precision=HIGHEST)
+    e, q = jnp.linalg.eigh(g)                                 # ascending
+    e = jnp.flip(e, -1)[..., :rank]
+    q = jnp.flip(q, -1)[..., :rank]                           # [..., min(m, n), rank]
+    s = jnp.sqrt(jnp.maximum(e, 0.0))
+    inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+    if wide:
+        u = q
+        vt = jnp.matmul(jnp.swapaxes(q, -1, -2), x, precision=HIGHEST) * inv[..., :, None]
+    else:
+        u = jnp.matmul(x, q, precision=HIGHEST) * inv[..., None, :]
+        vt = jnp.swapaxes(q, -1, -2)
+    emax = e[..., 0]
+    ratio = jnp.where(emax > 0, e[..., -1] / jnp.where(emax > 0, emax, 1.0), 0.0)
+    return u, s, vt, ratio
+
+
+def polar_gram(x):
+    """Polar factor of ``x [m, n]`` (``U V^T`` of its thin SVD) as ``x (x^T x)^{-1/2}`` (or
+    ``(x x^T)^{-1/2} x`` if wide), through ``eigh`` of the smaller Gram.
+
+    Returns ``(p, ratio)``, ``ratio = e_min / e_max`` of the Gram: accurate when
+    ``ratio >= POLAR_MIN_RATIO`` (use :func:`polar` otherwise). Traceable.
+    """
+    m, n = x.shape
+    tall = m >= n
+    g = jnp.matmul(x.T, x, precision=HIGHEST) if tall else jnp.matmul(x, x.T, precision=HIGHEST)
+    e, q = jnp.linalg.eigh(g)
+    ok = e > 0
+    isq = jnp.where(ok, 1.0 / jnp.sqrt(jnp.where(ok, e, 1.0)), 0.0)
+    root = jnp.matmul(q * isq[None, :], q.T, precision=HIGHEST)          # g^{-1/2}
+    p = jnp.matmul(x, root, precision=HIGHEST) if tall else jnp.matmul(root, x, precision=HIGHEST)
+    ratio = jnp.where(e[-1] > 0, e[0] / jnp.where(e[-1] > 0, e[-1], 1.0), 0.0)
+    return p, ratio
+
+
+_polar_gram_jit = jax.jit(polar_gram)
 
 
 def psd_solve_min_norm(s, b, rcond=None):

@@ -30,14 +30,42 @@ import jax
 import jax.numpy as jnp
 
 from bmm_jax._tree import PyTree
-from bmm_jax.anchors._common import HIGHEST, check_fraction, check_scale, merge_modules, polar
+from bmm_jax.anchors._common import (HIGHEST, POLAR_MIN_RATIO, TOP_TRIPLETS_MIN_RATIO, check_fraction,
+                                     check_scale, merge_modules, polar, polar_fast, top_triplets_gram)
 
 
 @jax.jit
 def iso_c_matrix(task_kernels):
-    """Iso-C of one module: ``[K, d_in, d_out] -> mean(s) U V^T`` of ``sum_k T_k``."""
-    u, s, vt = jnp.linalg.svd(jnp.sum(task_kernels, axis=0), full_matrices=False)
+    """Iso-C of one module: ``[K, d_in, d_out] -> mean(s) U V^T`` of ``sum_k T_k`` (SVD; a matrix
+    at least twice as tall as wide, or wide, is first reduced by QR: same ``s``, ``U V^T``)."""
+    m = jnp.sum(task_kernels, axis=0)
+    d_in, d_out = m.shape
+    if d_in >= 2 * d_out or d_out >= 2 * d_in:
+        x = m if d_in >= d_out else m.T
+        q, r = jnp.linalg.qr(x)
+        u, s, vt = jnp.linalg.svd(r, full_matrices=False)
+        p = jnp.matmul(q, jnp.matmul(u, vt, precision=HIGHEST), precision=HIGHEST)
+        return jnp.mean(s) * (p if d_in >= d_out else p.T)
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
     return jnp.mean(s) * jnp.matmul(u, vt, precision=HIGHEST)
+
+
+@jax.jit
+def _iso_c_gram(task_kernels):
+    m = jnp.sum(task_kernels, axis=0)
+    u, s, vt, ratio = top_triplets_gram(m, min(m.shape))
+    return jnp.mean(s) * jnp.matmul(u, vt, precision=HIGHEST), ratio
+
+
+def iso_c_module(task_kernels):
+    """:func:`iso_c_matrix`, through ``eigh`` of the smaller Gram of ``sum_k T_k`` when the module
+    is rectangular and that Gram is well conditioned (checked; ~5x faster on CPU), else the SVD."""
+    d_in, d_out = task_kernels.shape[1:]
+    if d_in != d_out:
+        merged, ratio = _iso_c_gram(task_kernels)
+        if float(ratio) >= POLAR_MIN_RATIO:
+            return merged
+    return iso_c_matrix(task_kernels)
 
 
 def iso_cts_sizes(d_in: int, d_out: int, num_experts: int, common_fraction: float) -> tuple[int, int]:
@@ -72,6 +100,46 @@ def iso_cts_matrix(task_kernels, common: int, per_task: int):
     return (iso * jnp.matmul(u_all, vt_all, precision=HIGHEST)).T
 
 
+@functools.partial(jax.jit, static_argnames=("common", "per_task"))
+def _iso_cts_parts_gram(task_kernels, common: int, per_task: int):
+    """Stacked ``(u [d_out, r], s [r], vt [r, d_in])`` of Iso-CTS (before the polar factors) from
+    Gram eigendecompositions, and the smallest conditioning ratio met (``top_triplets_gram``)."""
+    x = jnp.swapaxes(task_kernels, -1, -2)            # PyTorch view [K, d_out, d_in]
+    k = x.shape[0]
+    uc, sc, vtc, ratio = top_triplets_gram(jnp.sum(x, axis=0), common)
+    parts_u, parts_s, parts_vt = [], [], []
+    if per_task > 0:
+        proj = jnp.einsum("ic,kcj->kij", uc, jnp.einsum("ic,kij->kcj", uc, x, precision=HIGHEST),
+                          precision=HIGHEST)
+        ut, st, vtt, rt = top_triplets_gram(x - proj, per_task)
+        ratio = jnp.minimum(ratio, jnp.min(rt))
+        parts_u.append(jnp.moveaxis(ut, 0, 1).reshape(x.shape[1], k * per_task))
+        parts_s.append(st.reshape(k * per_task))
+        parts_vt.append(vtt.reshape(k * per_task, x.shape[2]))
+    parts_u.append(uc)
+    parts_s.append(sc)
+    parts_vt.append(vtc)
+    return (jnp.concatenate(parts_u, axis=1), jnp.concatenate(parts_s), jnp.concatenate(parts_vt, axis=0),
+            ratio)
+
+
+@jax.jit
+def _iso_rebuild(pu, s, pvt):
+    return (jnp.mean(s) * jnp.matmul(pu, pvt, precision=HIGHEST)).T
+
+
+def iso_cts_module(task_kernels, common: int, per_task: int):
+    """:func:`iso_cts_matrix`, with the truncated SVDs through ``eigh`` of the smaller Grams (SVDs
+    instead when a kept singular value is below 1% of the largest) and the polar factors by
+    :func:`~bmm_jax.anchors._common.polar_fast`: same result, several times faster on CPU."""
+    if common < 1:
+        return iso_cts_matrix(task_kernels, common, per_task)
+    u, s, vt, ratio = _iso_cts_parts_gram(task_kernels, common, per_task)
+    if float(ratio) < TOP_TRIPLETS_MIN_RATIO:
+        return iso_cts_matrix(task_kernels, common, per_task)
+    return _iso_rebuild(polar_fast(u), s, polar_fast(vt))
+
+
 def iso_c(base: PyTree, experts: Sequence[PyTree], scale: float = 1.0,
           labels: PyTree | None = None) -> PyTree:
     """Iso-C: flatten the spectrum of ``sum_k T_k`` per regressed module; mean task vector on
@@ -83,7 +151,7 @@ def iso_c(base: PyTree, experts: Sequence[PyTree], scale: float = 1.0,
       labels: label tree selecting the modules (default ``build_labels(base)``).
     """
     scale = check_scale(scale)
-    return merge_modules(base, experts, iso_c_matrix, labels=labels, scale=scale, other="mean")
+    return merge_modules(base, experts, iso_c_module, labels=labels, scale=scale, other="mean")
 
 
 def iso_cts(base: PyTree, experts: Sequence[PyTree], scale: float = 1.0,
@@ -101,6 +169,6 @@ def iso_cts(base: PyTree, experts: Sequence[PyTree], scale: float = 1.0,
 
     def fn(t):
         c, p = iso_cts_sizes(t.shape[1], t.shape[2], t.shape[0], frac)
-        return iso_cts_matrix(t, c, p)
+        return iso_cts_module(t, c, p)
 
     return merge_modules(base, experts, fn, labels=labels, scale=scale, other="mean")

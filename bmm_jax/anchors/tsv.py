@@ -10,6 +10,11 @@ kernels ``T_1..T_K``:
 3. Replace ``U`` and ``V^T`` by their nearest orthogonal matrices (polar factors ``P Q^T`` of their
    SVDs) and rebuild ``merged = U_perp diag(s) V_perp^T``.
 
+Computation (same maths as the SVDs, several times faster on CPU): the top triplets of each
+``T_k`` come from ``eigh`` of its smaller Gram (SVDs instead when a kept singular value is below 1%
+of the largest: squaring the matrix would cost float32 accuracy), the polar factors from
+:func:`~bmm_jax.anchors._common.polar_fast`.
+
 Leaves that are not regressed modules get the mean task vector. Output
 ``theta_0 + scale * merged`` (alpha default 1.0).
 """
@@ -22,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from bmm_jax._tree import PyTree
-from bmm_jax.anchors._common import HIGHEST, check_scale, merge_modules, polar
+from bmm_jax.anchors._common import (HIGHEST, TOP_TRIPLETS_MIN_RATIO, check_scale, merge_modules, polar,
+                                     polar_fast, top_triplets_gram)
 
 
 def tsv_rank_per_task(d_in: int, d_out: int, num_experts: int) -> int:
@@ -41,6 +47,29 @@ def tsv_merge_matrix(task_kernels, rank: int):
     return jnp.matmul(polar(u) * s, polar(vt), precision=HIGHEST)
 
 
+@functools.partial(jax.jit, static_argnames=("rank",))
+def _top_triplets_stacked(task_kernels, rank: int):
+    k, d_in, d_out = task_kernels.shape
+    u, s, vt, ratio = top_triplets_gram(task_kernels, rank)
+    return (jnp.moveaxis(u, 0, 1).reshape(d_in, k * rank), s.reshape(k * rank),
+            vt.reshape(k * rank, d_out), jnp.min(ratio))
+
+
+@jax.jit
+def _rebuild(pu, s, pv):
+    return jnp.matmul(pu * s, pv, precision=HIGHEST)
+
+
+def tsv_module(task_kernels, rank: int):
+    """TSV-M of one module, same result as :func:`tsv_merge_matrix` computed faster: the top
+    triplets of each task from ``eigh`` of its smaller Gram (SVDs instead if a kept singular value
+    is below 1% of the largest), polar factors by :func:`polar_fast`."""
+    u, s, vt, ratio = _top_triplets_stacked(task_kernels, rank)
+    if float(ratio) < TOP_TRIPLETS_MIN_RATIO:
+        return tsv_merge_matrix(task_kernels, rank)
+    return _rebuild(polar_fast(u), s, polar_fast(vt))
+
+
 def tsv(base: PyTree, experts: Sequence[PyTree], scale: float = 1.0,
         labels: PyTree | None = None) -> PyTree:
     """TSV-Merge (TSV-M): ``theta_0 + scale * merged`` (see the module docstring).
@@ -55,6 +84,6 @@ def tsv(base: PyTree, experts: Sequence[PyTree], scale: float = 1.0,
     scale = check_scale(scale)
 
     def fn(t):
-        return tsv_merge_matrix(t, tsv_rank_per_task(t.shape[1], t.shape[2], t.shape[0]))
+        return tsv_module(t, tsv_rank_per_task(t.shape[1], t.shape[2], t.shape[0]))
 
     return merge_modules(base, experts, fn, labels=labels, scale=scale, other="mean")
