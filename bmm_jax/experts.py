@@ -124,8 +124,9 @@ class FinetuneConfig:
 class BenchmarkSpec:
     """A benchmark: tasks, how to build the adapter, default config, and the data loader.
 
-    ``make_adapter(config) -> ModelAdapter``; ``load(task, split) -> (inputs, labels)`` (default
-    :func:`bmm_jax.data.load`).
+    ``make_adapter(config) -> ModelAdapter`` may read only ``config.max_length`` and
+    ``config.feature_batch_size`` (adapters are memoised on those); ``load(task, split) ->
+    (inputs, labels)`` (default :func:`bmm_jax.data.load`).
     """
     name: str
     tasks: tuple[str, ...]
@@ -196,15 +197,19 @@ def _effnet(config: FinetuneConfig) -> ModelAdapter:
     return effnet_adapter(batch_size=config.feature_batch_size)
 
 
+#: The two benchmarks. Budgets (2-core CPU): see ``experiments/build_experts.py``. MiniLM-5:
+#: LP-FT of the 6 transformer layers (embeddings frozen) on 768 examples per task, 2 epochs of
+#: batch 16 (96 steps), length-bucketed batches of at most 64 tokens. EffNet-4: blocks 12-15 +
+#: conv head on 6000 examples per task, 4 epochs of batch 64, on cached trunk features.
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     "minilm5": BenchmarkSpec(
         "minilm5", TEXT_TASKS, _minilm,
-        FinetuneConfig(max_train=1500, epochs=2, batch_size=32, learning_rate=1e-4, head_learning_rate=1e-3,
-                       probe_max_train=2000, max_length=64)),
+        FinetuneConfig(max_train=768, epochs=2, batch_size=16, learning_rate=5e-5, head_learning_rate=1e-4,
+                       probe_max_train=1000, probe_max_val=512, max_length=64, feature_batch_size=64)),
     "effnet4": BenchmarkSpec(
         "effnet4", VISION_TASKS, _effnet,
-        FinetuneConfig(max_train=4000, epochs=3, batch_size=64, learning_rate=1e-3, head_learning_rate=1e-3,
-                       frozen=(), probe_max_train=4000, feature_batch_size=256),
+        FinetuneConfig(max_train=6000, epochs=4, batch_size=64, learning_rate=3e-4, head_learning_rate=1e-4,
+                       frozen=(), probe_max_train=4000, probe_max_val=1000, feature_batch_size=256),
         load=scaled_image_load),
 }
 
@@ -401,6 +406,50 @@ def batch_plan(n: int, batch_size: int, epochs: int, rng: np.random.Generator,
 
 _STEPS: "weakref.WeakKeyDictionary[ModelAdapter, dict]" = weakref.WeakKeyDictionary()
 
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
+
+
+class AdamState(NamedTuple):
+    """AdamW moments (pytrees like the trained state) and the step count ``t`` (float32 scalar)."""
+    m: PyTree
+    v: PyTree
+    t: jax.Array
+
+
+def adam_init(state: PyTree) -> AdamState:
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state)
+    return AdamState(zeros, zeros, jnp.zeros((), jnp.float32))
+
+
+def adamw_step(state: dict, grads: dict, opt: AdamState, lr: dict, *, grad_clip: float,
+               weight_decay: float) -> tuple[dict, AdamState]:
+    """One AdamW step (Loshchilov & Hutter), as ``optax.chain(clip_by_global_norm(grad_clip),
+    adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay))`` but with one learning rate per
+    top-level key of ``state`` (``lr = {"encoder": ..., "head": ...}``, float32 scalars) and
+    written for strict dtype promotion (the step count is float32).
+
+    ``g <- g * min(1, grad_clip / ||g||)`` (global norm over every leaf; no clipping if
+    ``grad_clip <= 0``); ``m <- b1 m + (1 - b1) g``; ``v <- b2 v + (1 - b2) g^2``;
+    ``p <- p - lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * p)``.
+    """
+    leaves = jax.tree_util.tree_leaves(grads)
+    if grad_clip > 0:
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in leaves))
+        factor = jnp.minimum(jnp.float32(1.0), jnp.float32(grad_clip) / jnp.maximum(norm, jnp.float32(1e-30)))
+        grads = jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), grads)
+    t = opt.t + jnp.float32(1.0)
+    m = jax.tree_util.tree_map(lambda m, g: ADAM_B1 * m + (1.0 - ADAM_B1) * g, opt.m, grads)
+    v = jax.tree_util.tree_map(lambda v, g: ADAM_B2 * v + (1.0 - ADAM_B2) * jnp.square(g), opt.v, grads)
+    c1 = 1.0 - jnp.power(jnp.float32(ADAM_B1), t)
+    c2 = 1.0 - jnp.power(jnp.float32(ADAM_B2), t)
+    new = {}
+    for key, sub in state.items():
+        rate = lr[key]
+        new[key] = jax.tree_util.tree_map(
+            lambda p, m_, v_: p - rate * ((m_ / c1) / (jnp.sqrt(v_ / c2) + ADAM_EPS) + weight_decay * p),
+            sub, m[key], v[key])
+    return new, AdamState(m, v, t)
+
 
 def _train_step(adapter: ModelAdapter, grad_clip: float, weight_decay: float):
     """Jitted AdamW step (shared by every task fine-tuned with ``adapter``; compiled once per
@@ -409,8 +458,6 @@ def _train_step(adapter: ModelAdapter, grad_clip: float, weight_decay: float):
     key = (float(grad_clip), float(weight_decay))
     if key in cache:
         return cache[key]
-    adam = optax.chain(optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
-                       optax.scale_by_adam())
 
     def loss_fn(st, frozen, b, y):
         feats = adapter.apply(combine(st["encoder"], frozen), b)
@@ -420,16 +467,12 @@ def _train_step(adapter: ModelAdapter, grad_clip: float, weight_decay: float):
     @jax.jit
     def step(st, opt_state, frozen, b, y, lr_encoder, lr_head):
         loss, grads = jax.value_and_grad(loss_fn)(st, frozen, b, y)
-        upd, opt_state = adam.update(grads, opt_state, st)
-
-        def apply(lr):   # decoupled weight decay (AdamW)
-            return lambda p, u: p - lr * (u + weight_decay * p)
-        new = {"encoder": jax.tree_util.tree_map(apply(lr_encoder), st["encoder"], upd["encoder"]),
-               "head": jax.tree_util.tree_map(apply(lr_head), st["head"], upd["head"])}
+        new, opt_state = adamw_step(st, grads, opt_state, {"encoder": lr_encoder, "head": lr_head},
+                                    grad_clip=grad_clip, weight_decay=weight_decay)
         return new, opt_state, loss
 
-    cache[key] = (adam, step)
-    return adam, step
+    cache[key] = step
+    return step
 
 
 def finetune(adapter: ModelAdapter, params: PyTree, head: dict, batch: dict, labels: np.ndarray,
@@ -469,17 +512,17 @@ def finetune(adapter: ModelAdapter, params: PyTree, head: dict, batch: dict, lab
     lr_e = lr_schedule(config.learning_rate, total, config.warmup_fraction)
     lr_h = lr_schedule(config.head_learning_rate, total, config.warmup_fraction)
     trainable, frozen = partition(params, config.frozen)
-    adam, step = _train_step(adapter, config.grad_clip, config.weight_decay)
+    step = _train_step(adapter, config.grad_clip, config.weight_decay)
     state = {"encoder": jax.tree_util.tree_map(jnp.asarray, trainable),
              "head": jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), head)}
-    opt_state = adam.init(state)
+    opt_state = adam_init(state)
     losses = []
     bar = _tqdm(total=total, desc=desc, disable=not progress)
     try:
         for i, idx in enumerate(plan):
             b = trim_batch(take(batch, idx), adapter.length_buckets)
             state, opt_state, loss = step(state, opt_state, frozen, b, labels[idx],
-                                          lr_e[i], lr_h[i])
+                                          jnp.float32(lr_e[i]), jnp.float32(lr_h[i]))
             losses.append(loss)
             bar.update(1)
             if (i + 1) % 10 == 0:
@@ -611,7 +654,7 @@ def build_experts(benchmark: str | BenchmarkSpec, *, cache_dir: str | None = Non
     root = os.path.join(os.fspath(cache_dir) if cache_dir is not None else _default_cache_dir(),
                         "experts", spec.name)
     t_start, c_start = time.time(), time.process_time()
-    adapter = spec.make_adapter(config)
+    adapter = _adapter(spec, config)
     base = adapter.params
     base_sum = checkpoint.tree_checksum(base)
     _, base_frozen = partition(base, config.frozen)
@@ -710,6 +753,23 @@ def build_experts(benchmark: str | BenchmarkSpec, *, cache_dir: str | None = Non
                      load)
 
 
+_ADAPTERS: dict = {}
+
+
+def _adapter(spec: BenchmarkSpec, config: FinetuneConfig) -> ModelAdapter:
+    """``spec.make_adapter(config)``, memoised per (factory, the config fields an adapter may
+    read: ``max_length``, ``feature_batch_size``): the same adapter object across calls keeps its
+    jitted training step and evaluation functions (no recompilation when several seeds or
+    configs are built in one process)."""
+    key = (spec.make_adapter, config.max_length, config.feature_batch_size)
+    ad = _ADAPTERS.get(key)
+    if ad is None:
+        if len(_ADAPTERS) >= 4:
+            _ADAPTERS.pop(next(iter(_ADAPTERS)))
+        ad = _ADAPTERS[key] = spec.make_adapter(config)
+    return ad
+
+
 def _subset(n: int, k: int, seed: int) -> np.ndarray:
     if k >= n:
         return np.arange(n)
@@ -717,4 +777,4 @@ def _subset(n: int, k: int, seed: int) -> np.ndarray:
 
 
 __all__ = ["FinetuneConfig", "BenchmarkSpec", "Benchmark", "BENCHMARKS", "build_experts", "finetune",
-           "linear_probe", "ProbeFit", "lr_schedule", "batch_plan", "scaled_image_load", "FinetuneResult", "extract_features", "partition", "combine", "data_hash", "get_benchmark"]
+           "linear_probe", "ProbeFit", "lr_schedule", "adamw_step", "adam_init", "AdamState", "batch_plan", "scaled_image_load", "FinetuneResult", "extract_features", "partition", "combine", "data_hash", "get_benchmark"]

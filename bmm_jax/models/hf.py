@@ -82,8 +82,15 @@ def load_hf_model(family: str, *, path: str | None = None, config: Any = None, s
         with jax.numpy_dtype_promotion("standard"):   # HF Flax code assumes standard promotion
             if from_pt:
                 # transformers' PyTorch->Flax conversion reads the randomly initialised params to
-                # match names and shapes, so it needs ``_do_init=True``.
-                model = model_cls.from_pretrained(path, from_pt=True, local_files_only=True, **kwargs)
+                # match names and shapes, so it needs ``_do_init=True``. Its "weights not used"
+                # warning (a dropped pooler, position-id buffers) is expected: silenced.
+                from transformers.utils import logging as hf_logging
+                level = hf_logging.get_verbosity()
+                hf_logging.set_verbosity_error()
+                try:
+                    model = model_cls.from_pretrained(path, from_pt=True, local_files_only=True, **kwargs)
+                finally:
+                    hf_logging.set_verbosity(level)
                 params = model.params
             else:
                 model, params = model_cls.from_pretrained(path, local_files_only=True, _do_init=False,
