@@ -102,6 +102,12 @@ def latency_worker(designer: str, dims: int, n_init: int, n_suggest: int, seed: 
     # a SearchSpace with the box of the problem, only for SafeDesigner's validity checks
     space = _Box(names)
     lat, cpu, fallbacks = [], [], 0
+    if designer == "gp_bandit_cached":  # the search's persistent JAX compilation cache, pre-filled
+        from bmm_jax.search import _setup_jax_cache
+        _setup_jax_cache(os.environ["BMM_BENCH_JAX_CACHE"])
+        designer_name = "gp_bandit"
+    else:
+        designer_name = designer
     if designer == "vizier_default":
         for j in range(n_suggest):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -114,7 +120,7 @@ def latency_worker(designer: str, dims: int, n_init: int, n_suggest: int, seed: 
             fallbacks += src != "designer"
             trials.append(completed(point, len(trials) + 1))
     else:
-        d = D.make_designer(designer, problem, seed=seed)
+        d = D.make_designer(designer_name, problem, seed=seed)
         safe = D.SafeDesigner(d, space, problem, seed=seed)
         safe.update(trials)
         for j in range(n_suggest):
@@ -147,34 +153,52 @@ class _Box:
         return len(self.names)
 
 
-def run_latency(args) -> dict:
+def _latency_subprocess(args, designer: str, dims: int, n: int, env: dict) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "latency", "--worker-designer",
+           designer, "--worker-dims", str(dims), "--latency-init", str(args.latency_init),
+           "--worker-suggest", str(n)]
+    t0 = time.time()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
+        line = [l for l in out.stdout.splitlines() if l.startswith("{")]
+        if out.returncode != 0 or not line:
+            row = {"designer": designer, "dims": dims, "error": out.stderr[-1500:]}
+        else:
+            row = json.loads(line[-1])
+    except subprocess.TimeoutExpired:
+        row = {"designer": designer, "dims": dims, "error": f"timeout after {args.worker_timeout} s"}
+    row["process_seconds"] = time.time() - t0
+    row["load"] = _load()
+    return row
+
+
+def run_latency(args, previous: dict | None = None) -> dict:
+    """Rows of ``previous`` for (designer, dims) pairs not measured now are kept."""
     rows = []
     load0 = _load()
     for dims in args.dims:
         for designer in args.latency_designers:
             n = {"vizier_default": args.default_suggest, "gp_ucb_pe": args.ucb_suggest}.get(designer, args.latency_suggest)
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "latency", "--worker-designer",
-                   designer, "--worker-dims", str(dims), "--latency-init", str(args.latency_init),
-                   "--worker-suggest", str(n)]
             env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-            t0 = time.time()
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
-                line = [l for l in out.stdout.splitlines() if l.startswith("{")]
-                if out.returncode != 0 or not line:
-                    row = {"designer": designer, "dims": dims, "error": out.stderr[-1500:]}
-                else:
-                    row = json.loads(line[-1])
-            except subprocess.TimeoutExpired:
-                row = {"designer": designer, "dims": dims, "error": f"timeout after {args.worker_timeout} s"}
-            row["process_seconds"] = time.time() - t0
-            row["load"] = _load()
+            if designer == "gp_bandit_cached":
+                with tempfile.TemporaryDirectory() as cache:
+                    env["BMM_BENCH_JAX_CACHE"] = cache
+                    warm = _latency_subprocess(args, designer, dims, 2, env)   # fills the cache
+                    row = _latency_subprocess(args, designer, dims, n, env)
+                    row["warmup_first"] = warm.get("first")
+            else:
+                row = _latency_subprocess(args, designer, dims, n, env)
             rows.append(row)
             print(_latency_row(row), flush=True)
+    done = {(r["designer"], r["dims"]) for r in rows}
+    rows = [r for r in (previous or {}).get("rows", []) if (r["designer"], r["dims"]) not in done] + rows
+    rows.sort(key=lambda r: (r["dims"], r["designer"]))
     return {"rows": rows, "load_before": load0, "load_after": _load(), "n_init": args.latency_init,
-            "note": "fresh process per row, no persistent JAX cache: 'first' includes XLA compilation; "
+            "note": "fresh process per row; no persistent JAX cache except gp_bandit_cached (the search's "
+                    "cache, filled by a previous process): 'first' includes XLA compilation; "
                     "vizier_default rebuilds the designer and replays the study at every suggestion, "
-                    "as the Vizier service does"}
+                    "as the Vizier service does; latencies are wall seconds on a shared 2-core machine "
+                    "(see 'load'), cpu_seconds the process CPU time"}
 
 
 def _latency_row(r) -> str:
@@ -189,7 +213,7 @@ def latency_table(res: dict) -> str:
     rows = res["rows"]
     designers = list(dict.fromkeys(r["designer"] for r in rows))
     dims = sorted({r["dims"] for r in rows})
-    head = ["dims"] + [f"{d} first / steady (s)" for d in designers]
+    head = ["dims"] + [f"{d}: first / steady median (s)" for d in designers]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for d in dims:
         cells = [str(d)]
@@ -199,7 +223,8 @@ def latency_table(res: dict) -> str:
                 cells.append("error" if r else "-")
             else:
                 st = "-" if r["steady_median"] is None else f"{r['steady_median']:.2f}"
-                cells.append(f"{r['first']:.2f} / {st}")
+                sc = r.get("steady_cpu_median")
+                cells.append(f"{r['first']:.1f} / {st}" + ("" if sc is None else f" ({sc:.2f} cpu)"))
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
@@ -470,7 +495,10 @@ def main(argv=None) -> int:
     g = p.add_argument_group("latency")
     g.add_argument("--dims", type=int, nargs="+", default=[4, 8, 16, 24, 48])
     g.add_argument("--latency-designers", nargs="+", default=["gp_bandit", "gp_ucb_pe", "vizier_default"],
-                   choices=["gp_bandit", "gp_ucb_pe", "gp_bandit_default", "gp_ucb_pe_default", "vizier_default"])
+                   choices=["gp_bandit", "gp_bandit_cached", "gp_ucb_pe", "gp_bandit_default", "gp_ucb_pe_default",
+                            "vizier_default"],
+                   help="gp_bandit_cached: gp_bandit with the search's persistent compilation cache "
+                        "filled by a previous process (a resumed or repeated search)")
     g.add_argument("--latency-init", type=int, default=10, help="completed random trials before suggesting")
     g.add_argument("--latency-suggest", type=int, default=6, help="suggestions per configured designer")
     g.add_argument("--default-suggest", type=int, default=2, help="suggestions of Vizier's default (slow)")
@@ -522,7 +550,7 @@ def main(argv=None) -> int:
 
     if "latency" in args.parts:
         print("== suggestion latency vs dimensions", flush=True)
-        results["latency"] = run_latency(args)
+        results["latency"] = run_latency(args, results.get("latency"))
         save()
         print(latency_table(results["latency"]), flush=True)
     if "synthetic" in args.parts:

@@ -15,6 +15,17 @@ class UsageError(Exception):
     """A bad command line (exit status 2)."""
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` after an option's help unless the help already says its default,
+    and hides ``None`` defaults (an option left out: the help says what happens then)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default:" in h or action.default is None or action.default is argparse.SUPPRESS:
+            return h
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` raising :class:`UsageError` instead of printing the usage."""
 

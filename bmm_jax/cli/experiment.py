@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 
-from bmm_jax.cli._common import Parser, UsageError, run_main
+from bmm_jax.cli._common import DefaultsFormatter, Parser, UsageError, run_main
 
 PROG = "bmm-experiment"
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "every method merged and evaluated, results written as JSON, CSV, a markdown table and "
                     "plots into a run directory (atomically), and the table printed. Options left out take "
                     "the preset's value.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsFormatter)
     p.add_argument("--preset", default="default", choices=sorted(PRESETS),
                    help="'default': the README main job (MiniLM-5, seed 0, TA and TSV-M anchors vs BMM with "
                         "data-free and activation Grams, module-wise hyper-parameters); 'full': every method, "

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from bmm_jax.cli._common import Parser, UsageError, run_main
+from bmm_jax.cli._common import DefaultsFormatter, Parser, UsageError, run_main
 
 PROG = "bmm-merge"
 GRAM_MODES = ("data_free", "activations", "hybrid")
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Inputs are HF Flax model folders, bmm_jax orbax checkpoints (bmm_jax.checkpoint; also the "
                "expert cache's <task>/seed<s> folders) or, for --base/--model, the built-in names minilm and "
                "effnet-lite0. Errors exit with status 1 (2 for a bad command line) and one line on stderr.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsFormatter)
     io = p.add_argument_group("models")
     io.add_argument("--base", required=True, help="the pretrained model theta_0 the experts were fine-tuned from")
     io.add_argument("--experts", required=True, nargs="+", metavar="PATH",
