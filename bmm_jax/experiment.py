@@ -60,12 +60,14 @@ HPARAM_MODES = ("shared", "module")
 SPLITS = ("test", "validation")
 # Anchors whose output is theta_0 + scale * merged: their scale is chosen on validation.
 SCALED = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts")
+# Wide enough that the chosen scale is interior on both benchmarks (EffNet-4 wants small scales,
+# MiniLM-5 large ones); a choice on the edge of its grid is flagged (``grid_edge`` in details.json).
 DEFAULT_SCALE_GRIDS = (
-    ("task_arithmetic", (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)),
-    ("ties", (0.5, 0.75, 1.0, 1.25, 1.5)),
-    ("tsv", (0.5, 0.75, 1.0, 1.25, 1.5)),
-    ("iso_c", (0.5, 1.0, 1.5, 2.0)),
-    ("iso_cts", (0.5, 1.0, 1.5, 2.0)),
+    ("task_arithmetic", (0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)),
+    ("ties", (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)),
+    ("tsv", (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)),
+    ("iso_c", (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)),
+    ("iso_cts", (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)),
 )
 SHORT = {"task_arithmetic": "TA", "ties": "TIES", "tsv": "TSV-M", "wudi": "WUDI", "average": "Average",
          "iso_c": "Iso-C", "iso_cts": "Iso-CTS", "regmean": "RegMean"}
@@ -721,6 +723,11 @@ class _SeedRun:
                 if best is None or m > best[0]:
                     best = (m, c, params, acc)
             _, scale, params, val = best
+            edge = len(grid) > 1 and scale in (min(grid), max(grid))
+            info["grid_edge"] = bool(edge)
+            if edge:
+                _log(f"[{self.spec.name} seed {self.seed}] warning: {name} scale {scale} is on the edge of its "
+                     f"grid {list(grid)}; widen ExperimentConfig.scale_grids (--scale-grid)", self.config.progress)
         else:
             scale, params, val = None, unit, None
         info["scale"] = scale

@@ -208,6 +208,14 @@ def test_experiment_cli_tiny(tmp_path, tmp_path_factory, capsys, monkeypatch):
     assert out.splitlines()[0] == "| method | a | b | mean | normalised mean |" and "BMM (TA, data-free, shared)" in out
 
 
+def test_experiment_cli_scale_grid_overrides_one_anchor():
+    from bmm_jax.experiment import PRESETS
+    args = cli_experiment.build_parser().parse_args(
+        ["--preset", "default", "--scale-grid", "tsv=0.2,0.4", "--scale-grid", "task_arithmetic=1"])
+    grids = dict(cli_experiment.config_from_args(args).scale_grids)
+    assert grids == {**dict(PRESETS["default"]["scale_grids"]), "tsv": (0.2, 0.4), "task_arithmetic": (1.0,)}
+
+
 @pytest.mark.parametrize("argv, rc, phrase", [
     (["--benchmark", "cifar10"], 1, "unknown benchmark 'cifar10'"),
     (["--grams", "magic"], 1, "unknown ['magic']"),
@@ -215,6 +223,10 @@ def test_experiment_cli_tiny(tmp_path, tmp_path_factory, capsys, monkeypatch):
     (["--designer", "cmaes"], 1, "unknown designer 'cmaes'"),
     (["--seeds", "x"], 2, "invalid int value"),
     (["--preset", "fastest"], 2, "invalid choice"),
+    (["--scale-grid", "tsv"], 2, "expects ANCHOR=S1,S2"),
+    (["--scale-grid", "tsv=a,b"], 2, "scales must be numbers"),
+    (["--scale-grid", "wudi=1"], 1, "'wudi' has no scale"),
+    (["--scale-grid", "ties=0,1"], 1, "must be positive finite scales"),
 ])
 def test_experiment_cli_errors(argv, rc, phrase, capsys, tmp_path):
     got = cli_experiment.main(argv + ["--run-dir", str(tmp_path / "run"), "--quiet"])

@@ -170,6 +170,7 @@ def test_run_experiment_tiny(tmp_path, tmp_path_factory):
     best_c = max(val, key=lambda c: (val[c], -c))   # first maximum in grid order
     info = res.details["seeds"]["0"]["methods"]
     assert info["task_arithmetic"]["scale"] == best_c
+    assert info["task_arithmetic"]["grid_edge"] == (best_c in (0.2, 1.0))
     ta = anchors.task_arithmetic(bench.base_params, bench.expert_params, scale=best_c)
     for t, a in ev(ta, "test").items():
         assert acc[("task_arithmetic", None, None, None, t, "test")] == pytest.approx(a, abs=1e-9)

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-examples", type=int, default=None, help="test examples per task (preset: all)")
     p.add_argument("--calibration-examples", type=int, default=None,
                    help="unlabeled train inputs per task for activation Grams (preset: 256)")
+    p.add_argument("--scale-grid", action="append", default=None, metavar="ANCHOR=S1,S2,...",
+                   help="validation grid of an anchor's own scale, e.g. task_arithmetic=0.05,0.1,0.3 "
+                        "(repeatable; anchors not given keep the preset's grid)")
     p.add_argument("--wudi-steps", type=int, default=None, help="Adam steps of WUDI-Merging (preset: 300)")
     p.add_argument("--cache-dir", default=None, help="expert cache root (default $BMM_JAX_CACHE or ~/.cache/bmm_jax)")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<name>); a rerun resumes in it")
@@ -79,6 +82,18 @@ def config_from_args(args):
               validation_examples=args.validation_examples, test_examples=args.test_examples,
               calibration_examples=args.calibration_examples, wudi_steps=args.wudi_steps,
               cache_dir=args.cache_dir, run_dir=args.run_dir, name=args.name)
+    if args.scale_grid:
+        from bmm_jax.experiment import PRESETS, DEFAULT_SCALE_GRIDS
+        grids = dict(PRESETS[args.preset].get("scale_grids", DEFAULT_SCALE_GRIDS))
+        for item in args.scale_grid:
+            name, sep, values = item.partition("=")
+            if not sep or not name.strip():
+                raise UsageError(f"--scale-grid expects ANCHOR=S1,S2,..., got {item!r}")
+            try:
+                grids[name.strip()] = tuple(float(v) for v in values.split(",") if v.strip())
+            except ValueError:
+                raise UsageError(f"--scale-grid {item!r}: scales must be numbers") from None
+        ov["scale_grids"] = tuple(grids.items())
     if args.anchors is not None and not args.anchors:
         ov["bmm_anchors"] = ()
     if args.baselines is not None and not args.baselines:
