@@ -64,8 +64,8 @@ SCALED = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts")
 # MiniLM-5 large ones); a choice on the edge of its grid is flagged (``grid_edge`` in details.json).
 DEFAULT_SCALE_GRIDS = (
     ("task_arithmetic", (0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)),
-    ("ties", (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)),
-    ("tsv", (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)),
+    ("ties", (0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)),
+    ("tsv", (0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)),
     ("iso_c", (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)),
     ("iso_cts", (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)),
 )
