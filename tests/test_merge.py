@@ -326,6 +326,51 @@ def test_prepare_fast_path_equals_merge():
     assert r.diagnostics["modules"][next(iter(MODULES))]["rho"] == 0.3
 
 
+def test_prepare_bfloat16_factors_approximate_the_exact_merge():
+    base, experts = _setup(11)
+    anchor = _np_task_arithmetic(base, experts)
+    grams = _activation_grams(12)
+    args = (_to_tree(base), [_to_tree(e) for e in experts], _to_tree(anchor))
+    prep = bmm_jax.prepare(*args, _jnp_grams(grams), factor_dtype="bfloat16")
+    assert prep.factor_dtype == "bfloat16" and "bfloat16" in repr(prep)
+    for st in prep._stacks:                           # Q, Q^T B, Q^T T_a stored at half the bytes
+        assert st.factors.q.dtype == jnp.bfloat16 and st.factors.qtb.dtype == jnp.bfloat16
+        assert st.factors.e.dtype == jnp.float32
+    for hp, c in (({"rho": 0.2, "scale": 1.1}, 1.0), ({"rho": 3.0, "scale": 0.8}, 1.4)):
+        scaled = {p: base[p] + c * (anchor[p] - base[p]) for p in PATHS}
+        ref = _np_merge(base, experts, scaled, lambda p: (hp["rho"], hp["scale"]), grams)
+        got = prep.params(hp, anchor_scale=c)
+        worst = 0.0
+        for p in MODULES:
+            delta = np.asarray(_get(got, p), np.float64) - base[p]
+            want = ref[p] - base[p]
+            worst = max(worst, np.abs(delta - want).max() / np.abs(want).max())
+        assert 0.0 < worst < 3e-2                      # bfloat16: 8-bit mantissa, not exact
+        for p in set(PATHS) - set(MODULES):            # carried leaves are exact
+            np.testing.assert_allclose(np.asarray(_get(got, p), np.float64), ref[p], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown factor_dtype 'float16'"):
+        bmm_jax.prepare(*args, _jnp_grams(grams), factor_dtype="float16")
+    with pytest.raises(ValueError, match="needs prior='isotropic'"):
+        bmm_jax.prepare(*args, _jnp_grams(grams), prior="diagonal", factor_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("carry", ["anchor", "mean"])
+def test_prepared_keeps_no_reference_to_the_experts(carry):
+    import gc
+    import weakref
+    base, experts = _setup(13)
+    anchor = _np_task_arithmetic(base, experts)
+    ref = _np_merge(base, experts, anchor, lambda p: (0.7, 1.0), carry=carry)
+    te = [_to_tree(e) for e in experts]
+    probes = [weakref.ref(_get(e, p)) for e in te for p in PATHS]
+    prep = bmm_jax.prepare(_to_tree(base), te, _to_tree(anchor), carry=carry)
+    del te
+    gc.collect()
+    assert all(r() is None for r in probes)           # the caller may free its experts after prepare
+    _assert_params(prep.params({"rho": 0.7}), ref)
+    assert prep.num_experts == K
+
+
 def test_merge_jit_and_no_jit_paths_agree():
     base, experts = _setup(9)
     anchor = _np_task_arithmetic(base, experts)

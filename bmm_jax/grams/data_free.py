@@ -10,6 +10,7 @@ so no ``[K, d, d]`` array and no copy of the task vectors is kept.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -27,6 +28,16 @@ def normalized_factors(task_kernels):
     sq = jnp.sum(t * t, axis=(-2, -1), keepdims=True)
     safe = jnp.where(sq > 0, sq, 1.0)
     return jnp.where(sq > 0, t / jnp.sqrt(safe), 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _module_factors(view: tuple, base_leaf, expert_leaves) -> jax.Array:
+    """``F_k = T_k / ||T_k||_F`` of one module from its leaves, in one jitted call (the task
+    kernels are an intermediate of the fusion, not a second ``[K, d_in, d_out]`` buffer).
+    ``view = (layout, d_in, d_out)`` (static: one compilation per module shape, not per module)."""
+    layout, d_in, d_out = view
+    label = Label(path="", regressed=True, layout=layout, d_in=d_in, d_out=d_out)
+    return normalized_factors(module_task_kernels(label, base_leaf, expert_leaves))
 
 
 def module_task_kernels(label: Label, base_leaf, expert_leaves) -> jax.Array:
@@ -61,7 +72,7 @@ def data_free(base: PyTree, experts: Sequence[PyTree], labels: PyTree | None = N
         if not l.regressed:
             continue
         es = [el[i] for el in expert_leaves]
-        factors[path] = (lambda l=l, b=b, es=es: normalized_factors(module_task_kernels(l, b, es)))
+        factors[path] = (lambda l=l, b=b, es=es: _module_factors((l.layout, l.d_in, l.d_out), b, list(es)))
         key_of[path] = path
     if not key_of:
         raise ValueError("the label tree selects no regressed module: nothing to estimate")
