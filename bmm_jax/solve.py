@@ -73,9 +73,17 @@ def check_prior(prior: str) -> None:
 
 @jax.jit
 def normal_equations(task_kernels, grams, weights):
-    """``(S, B)`` from ``task_kernels [K,d_in,d_out]``, ``grams [K,d_in,d_in]``, ``weights [K]``."""
+    """``(S, B)`` from ``task_kernels [K,d_in,d_out]``, ``grams [K,d_in,d_in]``, ``weights [K]``.
+
+    ``B = sum_k w_k G_k T_k`` is accumulated one expert at a time (one plain matmul each): a single
+    einsum contracting ``k`` and ``j`` together made XLA transpose the ``[K, d, d]`` Grams first.
+    """
     s = jnp.einsum("k,kij->ij", weights, grams, precision=HIGHEST)
-    b = jnp.einsum("k,kij,kjo->io", weights, grams, task_kernels, precision=HIGHEST)
+
+    def body(k, b):
+        return b + weights[k] * jnp.matmul(grams[k], task_kernels[k], precision=HIGHEST)
+    dt = jnp.result_type(grams.dtype, task_kernels.dtype, weights.dtype)
+    b = jax.lax.fori_loop(0, grams.shape[0], body, jnp.zeros(task_kernels.shape[1:], dt))
     return s, b
 
 

@@ -39,9 +39,18 @@ def shrink_off_diagonal(grams, alpha):
 
 @jax.jit
 def regmean_normal_equations(grams, task_kernels, alpha):
-    """``(sum_k G~_k [d_in, d_in], sum_k G~_k T_k [d_in, d_out])``."""
-    g = shrink_off_diagonal(grams, alpha)
-    return jnp.sum(g, axis=0), jnp.einsum("kij,kjo->io", g, task_kernels, precision=HIGHEST)
+    """``(sum_k G~_k [d_in, d_in], sum_k G~_k T_k [d_in, d_out])``, one expert at a time (no
+    shrunk or transposed ``[K, d, d]`` copy of the Grams; one plain matmul per expert)."""
+    d = grams.shape[-1]
+    eye = jnp.eye(d, dtype=bool)
+
+    def body(k, acc):
+        s, b = acc
+        g = jnp.where(eye, grams[k], alpha * grams[k])
+        return s + g, b + jnp.matmul(g, task_kernels[k], precision=HIGHEST)
+    dt = jnp.result_type(grams.dtype, task_kernels.dtype)
+    zero = (jnp.zeros((d, d), dt), jnp.zeros(task_kernels.shape[1:], dt))
+    return jax.lax.fori_loop(0, grams.shape[0], body, zero)
 
 
 @jax.jit

@@ -32,6 +32,7 @@ import optax
 from jax import lax
 
 from bmm_jax._tree import PyTree
+from bmm_jax.memory import trim
 from bmm_jax.solve import single_thread_lapack
 from bmm_jax.anchors._common import (HIGHEST, assemble, check_scale, compute_dtype, leaf_dtype,
                                      prepare, psd_solve_min_norm)
@@ -88,7 +89,7 @@ def _chunks(indices, per_module: int, max_elements: int):
 @single_thread_lapack
 def wudi(base: PyTree, experts: Sequence[PyTree], lr: float = 1e-5, steps: int = 300,
          exact: bool = False, labels: PyTree | None = None, *, rcond: float | None = None,
-         max_stack_elements: int = 2 ** 26) -> PyTree:
+         max_stack_elements: int = 2 ** 24) -> PyTree:
     """WUDI-Merging: ``theta_0 + T_m`` on regressed modules, ``theta_0`` elsewhere.
 
     Args:
@@ -136,4 +137,7 @@ def wudi(base: PyTree, experts: Sequence[PyTree], lr: float = 1e-5, steps: int =
                 tm = wudi_adam(s, b, init, jnp.asarray(lr, init.dtype), steps)
             for j, i in enumerate(chunk):
                 deltas[i] = ctx.labels[i].from_matrix(tm[j])
+            jax.block_until_ready([deltas[i] for i in chunk])
+            del s, b, init, tm
+            trim()                  # the chunk's S, B and Adam state leave the process now
     return assemble(ctx, deltas.get)
