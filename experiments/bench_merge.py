@@ -433,6 +433,36 @@ def print_table(report: dict) -> None:
         print(f"  [{'met' if t['met'] else 'MISSED'}] {name}: {vs}")
 
 
+def markdown_table(report: dict) -> str:
+    """The measured steps as a markdown table (for the README): seconds, peak and net RSS,
+    FusionBench reference and whether each target was met."""
+    res, bound = report["steps"], report["memory_bound_bytes"]
+    targets = report.get("targets", {})
+    lines = ["| step | wall s | peak RSS MiB | net MiB | FusionBench 0.2.33 s | speed target | RSS <= bound |",
+             "|---|---:|---:|---:|---:|:---:|:---:|"]
+    desc = dict(STEPS)
+    for n in STEP_NAMES:
+        r = res.get(n)
+        if r is None or "error" in r:
+            continue
+        fb = {"task_arithmetic": "0.8–2.1", "wudi": "≈ 4 h (36.5/iter)", "regmean": "34 (solve)",
+              "merge": "WUDI/100 = 144, TSV-M 105"}.get(n, FUSIONBENCH.get(n))
+        if n in ("wudi_exact", "iso_cts"):
+            fb = None
+        speed = [t for k, t in targets.items() if "RSS" not in k and (k.startswith(n + " ") or k.startswith(n + ":")
+                                                                       or (n == "merge" and k.startswith("merge "))
+                                                                       or (n.startswith("fast_resolve") and
+                                                                           k.startswith("fast-path") and
+                                                                           ("bfloat16" in k) == n.endswith("bf16")))]
+        sp = "–" if not speed else ("met" if all(t["met"] for t in speed) else "**missed**")
+        lim = bound + (r.get("extra_bound_bytes") or 0)
+        ok = "—" if n == "agreement" else ("met" if r["peak_rss_bytes"] <= lim else "**missed**")
+        net = r["peak_rss_bytes"] - r.get("runtime_rss_bytes", 0)
+        lines.append(f"| {n} — {desc[n].replace('|', chr(92) + '|')} | {r['seconds']:.2f} | {r['peak_rss_bytes'] / 2 ** 20:,.0f} | "
+                     f"{net / 2 ** 20:,.0f} | {fb if fb is not None else '—'} | {sp} | {ok} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Writes JSON and prints a table.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -445,12 +475,20 @@ def main(argv=None) -> int:
     p.add_argument("--wudi-steps", type=int, default=None, help="WUDI Adam steps (default 300, quick 3)")
     p.add_argument("--steps", default=None,
                    help="comma-separated subset of steps (default all); results merge into an existing --out")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the results already in --out as a markdown table and exit (runs nothing)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     k = args.num_experts or (4 if args.quick else 8)
     wudi_steps = args.wudi_steps if args.wudi_steps is not None else (3 if args.quick else 300)
 
+    if args.markdown:
+        if not os.path.exists(args.out):
+            p.error(f"--markdown: no results at {args.out}; run the benchmark first")
+        with open(args.out) as f:
+            print(markdown_table(json.load(f)))
+        return 0
     if args.worker:
         info = run_step(args.worker, args.quick, k, args.sigma, wudi_steps)
         with open(args.worker_out, "w") as f:
