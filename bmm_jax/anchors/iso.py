@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from bmm_jax._tree import PyTree
-from bmm_jax.anchors._common import (HIGHEST, POLAR_MIN_RATIO, TOP_TRIPLETS_MIN_RATIO, check_fraction,
-                                     check_scale, merge_modules, polar, polar_fast, top_triplets_gram)
+from bmm_jax.anchors._common import (HIGHEST, POLAR_MIN_RATIO, TOP_TRIPLETS_MIN_RATIO, assemble,
+                                     check_fraction, check_scale, compute_dtype, leaf_dtype, merge_modules,
+                                     polar, polar_fast, prepare, top_triplets_gram)
 
 
 @jax.jit
@@ -151,7 +152,27 @@ def iso_c(base: PyTree, experts: Sequence[PyTree], scale: float = 1.0,
       labels: label tree selecting the modules (default ``build_labels(base)``).
     """
     scale = check_scale(scale)
-    return merge_modules(base, experts, iso_c_module, labels=labels, scale=scale, other="mean")
+    ctx = prepare(base, experts, labels)
+    k = ctx.num_experts
+
+    def delta(i):                  # Iso-C needs only sum_k T_k: one fused kernel, no [K, ...] stack
+        b = ctx.base_leaves[i]
+        total = sum_task_vectors(b, [e[i] for e in ctx.expert_leaves], compute_dtype(leaf_dtype(b)))
+        lab = ctx.labels[i]
+        if lab.regressed:
+            return lab.from_matrix(iso_c_module(lab.to_matrix(total)[None]))
+        return total / k                                   # mean task vector
+    return assemble(ctx, delta, scale)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def sum_task_vectors(base_leaf, expert_leaves, dtype):
+    """``sum_k (expert_leaves[k] - base_leaf)`` in ``dtype`` (the stack is never materialised)."""
+    b = jnp.asarray(base_leaf).astype(dtype)
+    total = jnp.zeros(b.shape, dtype)
+    for e in expert_leaves:
+        total = total + (jnp.asarray(e).astype(dtype) - b)
+    return total
 
 
 def iso_cts(base: PyTree, experts: Sequence[PyTree], scale: float = 1.0,
