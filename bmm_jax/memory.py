@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
 import sys
 
@@ -77,7 +78,6 @@ def peak_rss_bytes() -> int:
 def rss_bytes() -> int:
     """The current resident set size in bytes (``/proc/self/statm``; the peak where unavailable)."""
     try:
-        import os
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):            # pragma: no cover

@@ -242,10 +242,21 @@ eigen_factors.__doc__ = "EigenFactors of one module from ``S [d,d]``, ``B [d,do]
 eigen_factors_stacked = jax.jit(jax.vmap(_factor_one))
 
 
-def _resolve_one(f: EigenFactors, rho, scale):
+def resolve_factors(f: EigenFactors, rho, scale, c=1.0):
+    """``scale * Delta`` of one module from its factors, anchor task vector scaled by ``c``:
+    ``Q diag(1/(e + lam)) (Q^T B + lam c Q^T T_a)``. bfloat16 factors: bf16 products, float32
+    accumulation (AMX / avx512_bf16 on CPU, tensor cores on GPU); float32: HIGHEST precision."""
     lam = rho * f.mean_e
-    inner = (f.qtb + lam * f.qtta) / (f.e + lam)[:, None]
-    return scale * jnp.matmul(f.q, inner, precision=HIGHEST)
+    inner = (f.qtb.astype(jnp.float32) + (lam * c) * f.qtta.astype(jnp.float32)) / (f.e + lam)[:, None]
+    if f.q.dtype == jnp.bfloat16:
+        out = jnp.matmul(f.q, inner.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    else:
+        out = jnp.matmul(f.q, inner, precision=HIGHEST)
+    return scale * out
+
+
+def _resolve_one(f: EigenFactors, rho, scale):
+    return resolve_factors(f, rho, scale)
 
 
 solve_from_factors = jax.jit(_resolve_one)

@@ -31,7 +31,7 @@ from bmm_jax.anchors._common import (HIGHEST, assemble, check_fraction, mean_tas
 
 @jax.jit
 def shrink_off_diagonal(grams, alpha):
-    """``[K, d, d]``: off-diagonal entries times ``alpha``, diagonal unchanged."""
+    """``[..., d, d]``: off-diagonal entries times ``alpha``, diagonal unchanged."""
     d = grams.shape[-1]
     eye = jnp.eye(d, dtype=bool)
     return jnp.where(eye, grams, alpha * grams)
@@ -42,11 +42,10 @@ def regmean_normal_equations(grams, task_kernels, alpha):
     """``(sum_k G~_k [d_in, d_in], sum_k G~_k T_k [d_in, d_out])``, one expert at a time (no
     shrunk or transposed ``[K, d, d]`` copy of the Grams; one plain matmul per expert)."""
     d = grams.shape[-1]
-    eye = jnp.eye(d, dtype=bool)
 
     def body(k, acc):
         s, b = acc
-        g = jnp.where(eye, grams[k], alpha * grams[k])
+        g = shrink_off_diagonal(grams[k], alpha)
         return s + g, b + jnp.matmul(g, task_kernels[k], precision=HIGHEST)
     dt = jnp.result_type(grams.dtype, task_kernels.dtype)
     zero = (jnp.zeros((d, d), dt), jnp.zeros(task_kernels.shape[1:], dt))
