@@ -5,6 +5,7 @@ dict (or the attribute / index names of other containers) joined by ``/``.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Sequence
 
 import jax
@@ -88,13 +89,56 @@ def _dtype(x):
     return np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
 
 
+# jax.Arrays are immutable: one verified finite stays finite, so re-validating the same experts
+# (merge -> its anchor -> its Grams each call check_experts) is skipped. id -> weakref; an entry
+# leaves with its array (the weakref callback), so a recycled id can never match a dead array.
+_VERIFIED_FINITE: dict[int, Any] = {}
+
+
+def _forget(ref, key: int) -> None:
+    if _VERIFIED_FINITE.get(key) is ref:
+        del _VERIFIED_FINITE[key]
+
+
+def _remember_finite(leaf) -> None:
+    key = id(leaf)
+    _VERIFIED_FINITE[key] = weakref.ref(leaf, lambda r, key=key: _forget(r, key))
+
+
+def _known_finite(leaf) -> bool:
+    ref = _VERIFIED_FINITE.get(id(leaf))
+    return ref is not None and ref() is leaf
+
+
+def _finite(leaf) -> bool:
+    """All values finite: ``min`` and ``max`` propagate NaN and expose +-Inf (two SIMD reductions,
+    no boolean temporary, no compilation; 0.06 s for an 87.5 M-parameter model)."""
+    dt = _dtype(leaf)
+    arr = np.asarray(leaf, dtype=np.float32 if dt.itemsize < 4 else dt)
+    return arr.size == 0 or bool(np.isfinite(arr.min()) and np.isfinite(arr.max()))
+
+
+def _is_float(dt) -> bool:
+    return bool(np.issubdtype(dt, np.floating) or dt.name == "bfloat16")
+
+
 def _check_finite(who: str, leaves: list[tuple[str, Any]]) -> None:
+    """Raise ``ValueError`` naming the first leaf with NaN/Inf values.
+
+    jax.Array leaves found finite are remembered (they are immutable) and not scanned again; numpy
+    leaves (mutable) are scanned every time.
+    """
     for path, leaf in leaves:
-        dt = _dtype(leaf)
-        if not (np.issubdtype(dt, np.floating) or dt.name == "bfloat16"):
+        if not _is_float(_dtype(leaf)):
             continue
-        arr = np.asarray(leaf, dtype=np.float32 if dt.itemsize < 4 else dt)
-        if not np.all(np.isfinite(arr)):
-            n_nan = int(np.isnan(arr).sum())
-            n_inf = int(np.isinf(arr).sum())
-            raise ValueError(f"{who} leaf '{path}' has non-finite values ({n_nan} NaN, {n_inf} Inf)")
+        cacheable = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        if cacheable and _known_finite(leaf):
+            continue
+        if _finite(leaf):
+            if cacheable:
+                _remember_finite(leaf)
+            continue
+        arr = np.asarray(leaf, dtype=np.float32)
+        n_nan = int(np.isnan(arr).sum())
+        n_inf = int(np.isinf(arr).sum())
+        raise ValueError(f"{who} leaf '{path}' has non-finite values ({n_nan} NaN, {n_inf} Inf)")

@@ -10,8 +10,11 @@ Conventions
 * Per module (2-D view ``[d_in, d_out]`` of the label tree): ``T_k = W_k - W_0``, ``T_a = W_a - W_0``,
   ``S = sum_k w_k G_k``, ``B = sum_k w_k G_k T_k``, ``lambda = rho tr(S) / d_in`` and
   ``W = W_0 + s (S + lambda I)^{-1} (B + lambda T_a)``.
-* Modules of the same ``(d_in, d_out)`` are stacked on a leading axis, sharded over every device
-  (:mod:`bmm_jax.sharding`) and solved by one jitted, vmapped Cholesky (or eigen) kernel.
+* On several devices, modules of the same ``(d_in, d_out)`` are stacked on a leading axis, sharded
+  over every device (:mod:`bmm_jax.sharding`) and solved by one jitted, vmapped Cholesky (or eigen)
+  kernel. On one device :func:`merge` runs each module as one fused jitted call (task kernels ->
+  ``S, B`` -> Cholesky -> merged leaf, compiled once per module shape): no stacked copies and no
+  host round trip per module.
 * Carried leaves (not regressed) come from the anchor (``carry="anchor"``, default), from the base
   (``"base"``), or from ``theta_0 + mean_k tau_k`` (``"mean"``). A regressed module that no expert
   changed is carried from the base unchanged (partially fine-tuned experts).
@@ -34,6 +37,7 @@ import numpy as np
 
 from bmm_jax._tree import PyTree, check_experts, leaves_with_paths
 from bmm_jax.grams._base import Grams
+from bmm_jax.grams.data_free import normalized_factors
 from bmm_jax.labels import Label, build_labels, label_list
 from bmm_jax.memory import trim
 from bmm_jax.sharding import module_mesh, shard_stack
@@ -41,6 +45,7 @@ from bmm_jax.solve import (HIGHEST, EigenFactors, check_prior, check_rho, eigen_
                            resolve_factors,
                            lapack_single_thread,
                            is_singular, normal_equations, normal_equations_factored,
+                           _solve_one as _solve_one_module,
                            solve_stacked_diagonal, solve_stacked_isotropic)
 
 CARRY = ("anchor", "base", "mean")
@@ -366,6 +371,147 @@ def _diag(st: ModuleStats, rho: float, scale: float, delta: jax.Array) -> dict:
             "anchor_distance": float(jnp.linalg.norm(delta - scale * st.ta)) / max(ta, 1e-30)}
 
 
+# ------------------------------------------------------------------------------ fused module solve
+def _view_label(view: tuple) -> Label:
+    layout, d_in, d_out = view
+    return Label(path="", regressed=True, layout=layout, d_in=d_in, d_out=d_out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _merge_module(view: tuple, how: str, diagonal: bool, base_leaf, expert_leaves, gram, anchor_leaf,
+                  weights, rho, scale):
+    """One module of :func:`merge` in one jitted call: task kernels -> ``(S, B)`` -> anchored
+    Cholesky solve -> the merged leaf ``W_0 + s Delta`` (layout and dtype of the base leaf).
+
+    ``view = (layout, d_in, d_out)`` and ``how`` (``"factor"``: ``gram`` is ``F [K, d_in, r]``;
+    ``"dense"``: ``G [K, d_in, d_in]``; ``"data_free"``: ``gram`` is ``None`` and ``F_k = T_k /
+    ||T_k||_F`` is formed here from the task kernels) are static: one compilation per module shape.
+    Returns ``(leaf, checks)`` with ``checks = [changed, tr S, finite, ||s Delta||, ||s Delta - s T_a||,
+    ||T_a||]`` (float32), read once per chunk: no host round trip between the steps of a module.
+    """
+    label = _view_label(view)
+    b = base_leaf.astype(jnp.float32)
+    t = label.to_matrix(jnp.stack([e.astype(jnp.float32) - b for e in expert_leaves]))
+    if how == "data_free":
+        s, bb = normal_equations_factored(t, normalized_factors(t), weights)
+    else:
+        s, bb = (normal_equations_factored if how == "factor" else normal_equations)(t, gram, weights)
+    ta = label.to_matrix(anchor_leaf.astype(jnp.float32) - b)
+    out = _solve_one_module(s, bb, ta, rho, scale, diagonal)
+    leaf = (b + label.from_matrix(out).reshape(b.shape)).astype(base_leaf.dtype)
+    norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x)))
+    checks = jnp.stack([jnp.any(t != 0).astype(jnp.float32), jnp.trace(s),
+                        jnp.all(jnp.isfinite(out)).astype(jnp.float32), norm(out), norm(out - scale * ta),
+                        norm(ta)])
+    return leaf, checks
+
+
+def _merge_fused(lab, base_leaves, expert_leaves, anchor_leaves, owned: bool, grams, hp, k: int, w,
+                 diagonal: bool, progress=None):
+    """:func:`merge` on one device: one fused call per module (:func:`_merge_module`), the small
+    per-module checks read once per chunk of about :data:`CHUNK_ELEMENTS` statistics elements."""
+    solved, diags, unchanged = {}, {}, []
+    pending, size = [], 0
+
+    def flush():
+        checks = np.asarray(jnp.stack([c for _, _, c in pending]))
+        for (i, leaf, _), (changed, tr, finite, dn, dist, ta) in zip(pending, checks):
+            l = lab[i]
+            rho, scale = hp[l.path]
+            if not changed:
+                unchanged.append(l.path)
+                continue
+            if tr <= 0.0:
+                raise ValueError(f"singular system at module '{l.path}': every Gram is zero there (S = 0), "
+                                 "although the experts changed it; check the Gram estimation")
+            if not finite:
+                raise ValueError(f"singular system at module '{l.path}': the solve produced NaN/Inf "
+                                 f"(rho = {rho}); increase rho")
+            solved[l.path] = leaf
+            diags[l.path] = {"kind": l.kind, "block": l.block, "shape": [l.d_in, l.d_out], "rho": rho,
+                             "lambda": rho * float(tr) / l.d_in, "scale": scale, "carried": False,
+                             "delta_norm": float(dn), "anchor_distance": float(dist) / max(float(ta), 1e-30)}
+        pending.clear()
+        trim()                                 # freed task kernels / statistics leave the process now
+
+    for i, l in enumerate(lab):
+        if not l.regressed:
+            continue
+        es = [e[i] for e in expert_leaves]
+        rho, scale = hp[l.path]
+        if rho == 0.0:                         # the singularity check needs S on the host
+            st = _module_stat(l, base_leaves[i], es, anchor_leaves[i], grams, k, w)
+            if st is not None and is_singular(st.s):
+                raise ValueError(f"singular system at module '{l.path}' ({l.d_in} x {l.d_out}): rho = 0 and "
+                                 "the weighted Gram S is rank-deficient; use rho > 0 (the anchor prior "
+                                 "regularises it)")
+            del st
+        if isinstance(grams, Grams) and grams.normalizes(l.path, base_leaves[i], es):
+            how, g = "data_free", None
+        else:
+            how, g = _gram_lookup(grams, l.path, k, l)
+        leaf, checks = _merge_module((l.layout, l.d_in, l.d_out), how, diagonal, jnp.asarray(base_leaves[i]),
+                                     [jnp.asarray(e) for e in es], g, jnp.asarray(anchor_leaves[i]), w,
+                                     jnp.float32(rho), jnp.float32(scale))
+        del g
+        if owned:
+            anchor_leaves[i] = None
+        pending.append((i, leaf, checks))
+        size += l.d_in * l.d_in + 2 * l.d_in * l.d_out
+        if progress is not None:
+            progress.update(1)
+        if size >= CHUNK_ELEMENTS:
+            flush()
+            size = 0
+    if pending:
+        flush()
+    return solved, diags, unchanged
+
+
+def _merge_stacked(lab, base_leaves, expert_leaves, anchor_leaves, owned: bool, grams, hp, k: int, w,
+                   solver, mesh):
+    """:func:`merge` over several devices: the statistics of each chunk of same-shape modules are
+    stacked, sharded over ``mesh`` and solved by one vmapped Cholesky kernel."""
+    solved, diags, unchanged = {}, {}, []
+    # stream: statistics of one chunk of same-shape modules -> one stacked solve -> merged leaves
+    for shape, chunk in _module_chunks(lab, int(mesh.devices.size)):
+        stats = []
+        for i in chunk:
+            st = _module_stat(lab[i], base_leaves[i], [e[i] for e in expert_leaves], anchor_leaves[i],
+                              grams, k, w)
+            if owned:
+                anchor_leaves[i] = None
+            if st is None:
+                unchanged.append(lab[i].path)
+                continue
+            if hp[st.label.path][0] == 0.0 and is_singular(st.s):
+                raise ValueError(f"singular system at module '{st.label.path}' ({st.label.d_in} x "
+                                 f"{st.label.d_out}): rho = 0 and the weighted Gram S is rank-deficient; "
+                                 "use rho > 0 (the anchor prior regularises it)")
+            stats.append((i, st))
+        if not stats:
+            continue
+        m = len(stats)
+        s = shard_stack([st.s for _, st in stats], mesh)
+        b = shard_stack([st.b for _, st in stats], mesh)
+        ta = shard_stack([st.ta for _, st in stats], mesh)
+        rho = shard_stack(jnp.asarray([hp[st.label.path][0] for _, st in stats], jnp.float32), mesh)
+        sc = shard_stack(jnp.asarray([hp[st.label.path][1] for _, st in stats], jnp.float32), mesh)
+        out = solver(s, b, ta, rho, sc)[:m]
+        del s, b, ta
+        finite = np.asarray(jnp.all(jnp.isfinite(out), axis=(1, 2)))
+        for pos, (i, st) in enumerate(stats):
+            path = st.label.path
+            if not finite[pos]:
+                raise ValueError(f"singular system at module '{path}': the solve produced NaN/Inf "
+                                 f"(rho = {hp[path][0]}); increase rho")
+            diags[path] = _diag(st, *hp[path], out[pos])
+            solved[path] = _apply_delta(st.label, base_leaves[i], out[pos])
+        del stats, out
+        trim()                             # freed task kernels / statistics leave the process now
+    return solved, diags, unchanged
+
+
 # ------------------------------------------------------------------------------ merge
 def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: Mapping | None = None,
           labels: PyTree | None = None, *, carry: str = "anchor", prior: str = "isotropic",
@@ -419,44 +565,13 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
     anchor_leaves = jax.tree_util.tree_leaves(anchor)
     del anchor                                 # an owned anchor's module leaves are freed once used
     expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
-    solved, diags, unchanged = {}, {}, []
-    # stream: statistics of one chunk of same-shape modules -> one stacked solve -> merged leaves
     with lapack_single_thread():
-        for shape, chunk in _module_chunks(lab, int(mesh.devices.size)):
-            stats = []
-            for i in chunk:
-                st = _module_stat(lab[i], base_leaves[i], [e[i] for e in expert_leaves], anchor_leaves[i],
-                                  grams, k, w)
-                if owned:
-                    anchor_leaves[i] = None
-                if st is None:
-                    unchanged.append(lab[i].path)
-                    continue
-                if hp[st.label.path][0] == 0.0 and is_singular(st.s):
-                    raise ValueError(f"singular system at module '{st.label.path}' ({st.label.d_in} x "
-                                     f"{st.label.d_out}): rho = 0 and the weighted Gram S is rank-deficient; "
-                                     "use rho > 0 (the anchor prior regularises it)")
-                stats.append((i, st))
-            if not stats:
-                continue
-            m = len(stats)
-            s = shard_stack([st.s for _, st in stats], mesh)
-            b = shard_stack([st.b for _, st in stats], mesh)
-            ta = shard_stack([st.ta for _, st in stats], mesh)
-            rho = shard_stack(jnp.asarray([hp[st.label.path][0] for _, st in stats], jnp.float32), mesh)
-            sc = shard_stack(jnp.asarray([hp[st.label.path][1] for _, st in stats], jnp.float32), mesh)
-            out = solver(s, b, ta, rho, sc)[:m]
-            del s, b, ta
-            finite = np.asarray(jnp.all(jnp.isfinite(out), axis=(1, 2)))
-            for pos, (i, st) in enumerate(stats):
-                path = st.label.path
-                if not finite[pos]:
-                    raise ValueError(f"singular system at module '{path}': the solve produced NaN/Inf "
-                                     f"(rho = {hp[path][0]}); increase rho")
-                diags[path] = _diag(st, *hp[path], out[pos])
-                solved[path] = _apply_delta(st.label, base_leaves[i], out[pos])
-            del stats, out
-            trim()                             # freed task kernels / statistics leave the process now
+        if int(mesh.devices.size) == 1:
+            solved, diags, unchanged = _merge_fused(lab, base_leaves, expert_leaves, anchor_leaves, owned, grams,
+                                                    hp, k, w, prior == "diagonal")
+        else:
+            solved, diags, unchanged = _merge_stacked(lab, base_leaves, expert_leaves, anchor_leaves, owned,
+                                                      grams, hp, k, w, solver, mesh)
         jax.block_until_ready(solved)
     for path in unchanged:
         diags[path] = {"carried": True, "reason": "no expert changed this module"}

@@ -203,6 +203,19 @@ def test_merge_data_free_matches_reference_and_diagnostics():
     _assert_params(by_name.params, _np_merge(base, experts, anchor, lambda p: (0.3, 1.1)))
 
 
+def test_data_free_grams_of_other_experts_are_used_as_given():
+    """merge derives data-free factors in its own kernel only for Grams built from the very leaves
+    it merges: Grams of other experts (here: of a second draw) must enter as given."""
+    base, experts = _setup(0)
+    _, others = _setup(1)
+    anchor = _np_task_arithmetic(base, experts)
+    other_grams = {p: _np_data_free(_task_kernels(base, others, p)) for p in MODULES}
+    tb, te, to = _to_tree(base), [_to_tree(e) for e in experts], [_to_tree(e) for e in others]
+    for grams, ref_grams in ((bmm_jax.grams.data_free(tb, to), other_grams), (bmm_jax.grams.data_free(tb, te), None)):
+        res = bmm_jax.merge(tb, te, _to_tree(anchor), grams, {"rho": 0.4, "scale": 1.0})
+        _assert_params(res.params, _np_merge(base, experts, anchor, lambda p: (0.4, 1.0), ref_grams))
+
+
 def test_merge_rho_zero_activation_grams_is_regmean():
     base, experts = _setup(1)
     grams = _activation_grams(2)

@@ -251,16 +251,32 @@ def test_eigen_fast_path_matches_reference():
         _close(out, _lstsq_reference(xs, t, ta, rho, scale=scale))
 
 
-def test_factored_normal_equations():
+@pytest.mark.parametrize("d_in, r, d_out", [(5, 2, 4), (5, 7, 4), (1100, 37, 3), (700, 900, 2)])
+def test_factored_normal_equations(d_in, r, d_out):
+    """Both orders (r < d_in: S by row blocks; r >= d_in: G_k formed) against numpy, with several
+    uneven row blocks of the symmetric Gram product for d_in > GRAM_BLOCK."""
     rng = np.random.default_rng(9)
-    t = rng.standard_normal((3, 5, 4))
-    f = rng.standard_normal((3, 5, 2))
-    g = np.einsum("kir,kjr->kij", f, f)
+    t = rng.standard_normal((3, d_in, d_out))
+    f = rng.standard_normal((3, d_in, r))
     w = np.array([1.0, 0.5, 2.0])
     s, b = solve_mod.normal_equations_factored(jnp.asarray(t, jnp.float32), jnp.asarray(f, jnp.float32),
                                                jnp.asarray(w, jnp.float32))
-    np.testing.assert_allclose(s, np.einsum("k,kij->ij", w, g), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(b, np.einsum("k,kij,kjo->io", w, g, t), rtol=1e-5, atol=1e-5)
+    s_ref = sum(wk * fk @ fk.T for wk, fk in zip(w, f))
+    b_ref = sum(wk * fk @ (fk.T @ tk) for wk, fk, tk in zip(w, f, t))
+    s, b = np.asarray(s, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_allclose(s, s_ref, rtol=0, atol=1e-5 * np.abs(s_ref).max())
+    np.testing.assert_allclose(b, b_ref, rtol=0, atol=1e-5 * np.abs(b_ref).max())
+    assert np.array_equal(s, s.T)                      # exactly symmetric (mirrored, not recomputed)
+
+
+def test_symmetric_gram_row_blocks():
+    assert solve_mod._row_blocks(100) == [(0, 100)]
+    blocks = solve_mod._row_blocks(1100)
+    assert blocks[0][0] == 0 and blocks[-1][1] == 1100 and len(blocks) == 3
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    f = np.random.default_rng(3).standard_normal((1100, 20)).astype(np.float32)
+    np.testing.assert_allclose(solve_mod.symmetric_gram(jnp.asarray(f)), f.astype(np.float64) @ f.T,
+                               rtol=0, atol=1e-4)
 
 
 def test_jit_and_no_jit_paths_agree():

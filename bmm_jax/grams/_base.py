@@ -24,12 +24,16 @@ class Grams(Mapping):
         that a factor can be computed on demand instead of stored) with ``G_k = F_k F_k^T``;
         dense matrices for those keys are built lazily on access.
       kind: ``"activations" | "data_free" | "hybrid"`` (informational).
+      sources: optional ``{key: (base_leaf, expert_leaves)}`` for factors that are the normalised
+        task kernels ``F_k = T_k / ||T_k||_F`` of exactly these leaves (the data-free Grams): a
+        solver that forms ``T_k`` anyway may then derive ``F_k`` itself (:meth:`normalizes`).
     """
 
     def __init__(self, dense: dict, key_of: dict[str, str], *, factors: dict | None = None,
-                 kind: str = "activations", num_tokens: dict | None = None):
+                 kind: str = "activations", num_tokens: dict | None = None, sources: dict | None = None):
         self._dense = dict(dense)
         self._factors = dict(factors or {})
+        self._sources = dict(sources or {})
         self.key_of = dict(key_of)
         self.kind = kind
         self.num_tokens = dict(num_tokens or {})
@@ -48,6 +52,16 @@ class Grams(Mapping):
         """``[K, d_in, r]`` factor with ``G = F F^T`` if stored as factors, else ``None``."""
         f = self._factors.get(self.key_of[path])
         return f() if callable(f) else f
+
+    def normalizes(self, path: str, base_leaf, expert_leaves) -> bool:
+        """True if the factor of ``path`` is ``T_k / ||T_k||_F`` of exactly these leaves (same
+        objects, in order): ``F`` can then be formed from the task kernels in the solver's kernel."""
+        src = self._sources.get(self.key_of.get(path))
+        if src is None:
+            return False
+        b, es = src
+        return (b is base_leaf and len(es) == len(expert_leaves)
+                and all(x is y for x, y in zip(es, expert_leaves)))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.key_of)

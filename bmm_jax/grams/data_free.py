@@ -67,13 +67,14 @@ def data_free(base: PyTree, experts: Sequence[PyTree], labels: PyTree | None = N
         raise ValueError(f"labels have {len(lab)} leaves but base has {len(base_leaves)}: "
                          "build the label tree from the same params")
     expert_leaves = [[leaf for _, leaf in leaves_with_paths(e)] for e in experts]
-    factors, key_of = {}, {}
+    factors, key_of, sources = {}, {}, {}
     for i, (l, (path, b)) in enumerate(zip(lab, base_leaves)):
         if not l.regressed:
             continue
         es = [el[i] for el in expert_leaves]
         factors[path] = (lambda l=l, b=b, es=es: _module_factors((l.layout, l.d_in, l.d_out), b, list(es)))
         key_of[path] = path
+        sources[path] = (b, tuple(es))
     if not key_of:
         raise ValueError("the label tree selects no regressed module: nothing to estimate")
-    return Grams({}, key_of, factors=factors, kind="data_free")
+    return Grams({}, key_of, factors=factors, kind="data_free", sources=sources)
