@@ -70,9 +70,28 @@ def trim() -> bool:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far, in bytes (``getrusage`` ``ru_maxrss``)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r) if sys.platform == "darwin" else int(r) * 1024
+    """The process's peak resident set size in bytes: ``VmHWM`` of ``/proc/self/status`` (since the
+    start or the last :func:`reset_peak_rss`), else ``getrusage`` ``ru_maxrss`` (never reset)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):            # pragma: no cover
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # pragma: no cover
+    return int(r) if sys.platform == "darwin" else int(r) * 1024  # pragma: no cover
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak RSS (``VmHWM``) to the current RSS (Linux: ``5`` into ``/proc/self/clear_refs``),
+    so that :func:`peak_rss_bytes` then measures one phase of a process. ``False`` where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:                                      # pragma: no cover
+        return False
 
 
 def rss_bytes() -> int:
@@ -84,4 +103,4 @@ def rss_bytes() -> int:
         return peak_rss_bytes()
 
 
-__all__ = ["release_freed_memory", "trim", "peak_rss_bytes", "rss_bytes", "DEFAULT_THRESHOLD"]
+__all__ = ["release_freed_memory", "trim", "peak_rss_bytes", "reset_peak_rss", "rss_bytes", "DEFAULT_THRESHOLD"]

@@ -37,7 +37,7 @@ import numpy as np
 
 from bmm_jax._tree import PyTree, check_experts, leaves_with_paths
 from bmm_jax.grams._base import Grams
-from bmm_jax.grams.data_free import normalized_factors
+from bmm_jax.grams.data_free import normalized_weights
 from bmm_jax.labels import Label, build_labels, label_list
 from bmm_jax.memory import trim
 from bmm_jax.sharding import module_mesh, shard_stack
@@ -208,6 +208,11 @@ def _task_kernels(base_leaf, expert_leaves):
     return jnp.stack([e.astype(jnp.float32) - b for e in expert_leaves])
 
 
+@jax.jit
+def _data_free_normal_equations(t, w):
+    return normal_equations_factored(t, t, normalized_weights(t, w))
+
+
 class ModuleStats(NamedTuple):
     """Normal-equation statistics of one regressed module: ``S [d,d]``, ``B [d,do]``, ``T_a [d,do]``."""
     label: Label
@@ -221,9 +226,13 @@ def _module_stat(l: Label, base_leaf, expert_leaves, anchor_leaf, grams, k: int,
     t = l.to_matrix(_task_kernels(base_leaf, expert_leaves))
     if not bool(jnp.any(t != 0)):
         return None
-    how, g = _gram_lookup(grams, l.path, k, l)
-    s, b = (normal_equations_factored if how == "factor" else normal_equations)(t, g, w)
-    del t, g
+    if isinstance(grams, Grams) and grams.normalizes(l.path, base_leaf, expert_leaves):
+        s, b = _data_free_normal_equations(t, w)      # factors derived from t, not formed again
+    else:
+        how, g = _gram_lookup(grams, l.path, k, l)
+        s, b = (normal_equations_factored if how == "factor" else normal_equations)(t, g, w)
+        del g
+    del t
     ta = l.to_matrix(_anchor_task_vector(anchor_leaf, base_leaf))
     if float(jnp.trace(s)) <= 0.0:
         raise ValueError(f"singular system at module '{l.path}': every Gram is zero there (S = 0), "
@@ -392,8 +401,8 @@ def _merge_module(view: tuple, how: str, diagonal: bool, base_leaf, expert_leave
     label = _view_label(view)
     b = base_leaf.astype(jnp.float32)
     t = label.to_matrix(jnp.stack([e.astype(jnp.float32) - b for e in expert_leaves]))
-    if how == "data_free":
-        s, bb = normal_equations_factored(t, normalized_factors(t), weights)
+    if how == "data_free":             # F_k F_k^T = T_k T_k^T / ||T_k||^2: no [K, d_in, d_out] factor array
+        s, bb = normal_equations_factored(t, t, normalized_weights(t, weights))
     else:
         s, bb = (normal_equations_factored if how == "factor" else normal_equations)(t, gram, weights)
     ta = label.to_matrix(anchor_leaf.astype(jnp.float32) - b)
@@ -590,23 +599,25 @@ _resolve_one = resolve_factors                 # (factors, rho, scale, c) -> sca
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6))
-def _resolve_apply(factors: EigenFactors, rho, scale, c, base_leaves, layouts, with_norms: bool = False):
-    """Merged leaves ``W_0 + s Delta`` of one stack (isotropic fast path), and ``||s Delta||_F [M]``
-    if ``with_norms`` (else ``None``).
+def _resolve_apply(factors, rho, scale, c, base_leaves, layouts, with_norms: bool = False):
+    """Merged leaves ``W_0 + s Delta`` of the given stacks (isotropic fast path, one device), and
+    ``||s Delta||_F`` per module if ``with_norms`` (else ``None``).
 
-    ``base_leaves``: the ``M <= stack size`` base leaves (their layout and dtype are kept);
-    ``layouts``: their :attr:`Label.layout` (static). Padding rows of the stack are ignored. One
-    matmul per module writing each leaf once (no stacked result sliced afterwards): about 0.9 -> 0.5 s
-    per bf16 re-solve of ViT-B/32 x 8 in ``experiments/bench_merge.py``.
+    ``factors``: tuple of stacked :class:`EigenFactors`; ``rho``, ``scale``: tuple of ``[M]`` per
+    stack; ``base_leaves``: per stack, the ``M <= stack size`` base leaves (their layout and dtype are
+    kept); ``layouts``: their :attr:`Label.layout` (static). Padding rows are ignored. One matmul per
+    module writing each leaf once. Called with one stack at a time: one program for the whole model
+    measured 10-20 % slower on the 2-core CPU (0.65-0.75 vs 0.59-0.61 s, ViT-B/32 bf16).
     """
     out, norms = [], []
-    for j, (b, layout) in enumerate(zip(base_leaves, layouts)):
-        f = EigenFactors(*(x[j] for x in factors))
-        d = _resolve_one(f, rho[j], scale[j], c)
-        if with_norms:
-            norms.append(jnp.sqrt(jnp.sum(jnp.square(d))))
-        d = jnp.swapaxes(d, -1, -2) if layout == "transposed" else d.reshape(b.shape)
-        out.append((b.astype(jnp.float32) + d).astype(b.dtype))
+    for f_stack, r, sc, bases, lays in zip(factors, rho, scale, base_leaves, layouts):
+        for j, (b, layout) in enumerate(zip(bases, lays)):
+            f = EigenFactors(*(x[j] for x in f_stack))
+            d = _resolve_one(f, r[j], sc[j], c)
+            if with_norms:
+                norms.append(jnp.sqrt(jnp.sum(jnp.square(d))))
+            d = jnp.swapaxes(d, -1, -2) if layout == "transposed" else d.reshape(b.shape)
+            out.append((b.astype(jnp.float32) + d).astype(b.dtype))
     return tuple(out), (jnp.stack(norms) if with_norms else None)
 
 
@@ -659,8 +670,9 @@ class Prepared:
         self.modules = tuple(p for st in stacks for p in st.paths)
         self._index: dict | None = None          # {path: (label, base leaf)}, built on first use
 
-    def _stack_inputs(self, hparams: Mapping, anchor_scale: float):
-        """Yields ``(stack, rho [M], scale [M], c)`` per stack, after checking ``rho = 0`` modules."""
+    def _stack_inputs(self, hparams: Mapping, anchor_scale: float, place: bool = True):
+        """Yields ``(stack, rho [M], scale [M], c)`` per stack, after checking ``rho = 0`` modules
+        (``rho``/``scale`` sharded like the stack, or host numpy arrays if not ``place``)."""
         hp = resolve_hparams(hparams, self.labels)
         c = float(anchor_scale)
         if not math.isfinite(c):
@@ -675,8 +687,10 @@ class Prepared:
                 if bad:
                     raise ValueError(f"singular system at module '{bad[0]}': rho = 0 and S is "
                                      "rank-deficient; use rho > 0")
-            rho = shard_stack(jnp.asarray([hp[p][0] for p in st.paths], jnp.float32), self._mesh)
-            sc = shard_stack(jnp.asarray([hp[p][1] for p in st.paths], jnp.float32), self._mesh)
+            rho = np.asarray([hp[p][0] for p in st.paths], np.float32)
+            sc = np.asarray([hp[p][1] for p in st.paths], np.float32)
+            if place:
+                rho, sc = shard_stack(jnp.asarray(rho), self._mesh), shard_stack(jnp.asarray(sc), self._mesh)
             yield st, rho, sc, c
 
     def _stack_deltas(self, hparams: Mapping, anchor_scale: float):
@@ -718,10 +732,11 @@ class Prepared:
                         norms[p] = float(jnp.linalg.norm(res[pos]))
                 del res
             return solved
-        for st, rho, sc, c in self._stack_inputs(hparams, anchor_scale):
+        for st, rho, sc, c in self._stack_inputs(hparams, anchor_scale, place=False):
             layouts = tuple(self._index[p][0].layout for p in st.paths)
             bases = tuple(jnp.asarray(self._index[p][1]) for p in st.paths)
-            leaves, dn = _resolve_apply(st.factors, rho, sc, jnp.float32(c), bases, layouts, norms is not None)
+            leaves, dn = _resolve_apply((st.factors,), (rho,), (sc,), np.float32(c), (bases,), (layouts,),
+                                        norms is not None)
             solved.update(zip(st.paths, leaves))
             if norms is not None:
                 norms.update(zip(st.paths, np.asarray(dn).tolist()))

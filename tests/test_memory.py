@@ -46,3 +46,24 @@ def test_release_freed_memory_returns_large_buffers_to_the_os():
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[mode] = float(proc.stdout.split()[-1])
     assert out["on"] < 100.0                 # < 1/8 of the 800 MiB allocated is still resident
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/clear_refs")
+def test_reset_peak_rss_measures_one_phase():
+    # fresh process: a 400 MiB buffer raises the peak; after freeing it and resetting, the peak of
+    # the next phase (a 40 MiB buffer) is far below it
+    child = textwrap.dedent("""
+        import numpy as np
+        import bmm_jax.memory as memory
+        a = np.ones(100 << 20, np.float32); del a
+        first = memory.peak_rss_bytes()
+        assert memory.reset_peak_rss()
+        b = np.ones(10 << 20, np.float32)
+        second = memory.peak_rss_bytes()
+        print(first >> 20, second >> 20)
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = map(int, proc.stdout.split()[-2:])
+    assert first >= 400
+    assert second < first - 300

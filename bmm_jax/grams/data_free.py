@@ -30,6 +30,18 @@ def normalized_factors(task_kernels):
     return jnp.where(sq > 0, t / jnp.sqrt(safe), 0.0)
 
 
+def normalized_weights(task_kernels, weights):
+    """``w_k / ||T_k||_F^2`` (0 where ``T_k = 0``) for ``task_kernels [K, d_in, d_out]``, ``weights [K]``.
+
+    With these weights the data-free Grams ``G_k = F_k F_k^T`` need no factor array: ``w_k F_k F_k^T
+    = (w_k / ||T_k||^2) T_k T_k^T``, so a solver passes the task kernels themselves as factors
+    (:func:`bmm_jax.solve.normal_equations_factored(t, t, normalized_weights(t, w))`).
+    """
+    t = task_kernels.astype(jnp.float32)
+    sq = jnp.sum(t * t, axis=(-2, -1))
+    return jnp.where(sq > 0, weights.astype(jnp.float32) / jnp.where(sq > 0, sq, 1.0), 0.0)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _module_factors(view: tuple, base_leaf, expert_leaves) -> jax.Array:
     """``F_k = T_k / ||T_k||_F`` of one module from its leaves, in one jitted call (the task
