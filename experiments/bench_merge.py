@@ -439,6 +439,10 @@ def print_table(report: dict) -> None:
                   + (f"; re-solve peak RSS {_fmt_mib(r['peak_rss_bytes'])} MiB with the experts freed "
                      f"(process peak before: {_fmt_mib(r['process_peak_rss_bytes_before_resolve'])} MiB)"
                      if r.get("peak_reset") else ""))
+    for n in STEP_NAMES:
+        if "seconds_each" in res.get(n, {}):
+            print(f"{n}: {res[n]['runs']} fresh-process runs, " + ", ".join(f"{x:.2f}" for x in res[n]["seconds_each"])
+                  + " s (median shown)")
     print("net = peak RSS minus the interpreter + libraries before the models were built "
           "(runtime_rss_bytes); the bound is checked on the full peak")
     print("\ntargets:")
@@ -481,6 +485,47 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_worker(name: str, args, k: int, wudi_steps: int) -> dict:
+    """Run one step in a fresh process; its measurements (or ``{"error": ...}``)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tf:
+        wout = tf.name
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-out", wout,
+           "--num-experts", str(k), "--sigma", str(args.sigma), "--wudi-steps", str(wudi_steps)]
+    if args.quick:
+        cmd.append("--quick")
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    try:
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            print(f"\n[bench] step {name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return {"error": lines[-1] if lines else f"exit {proc.returncode}", "returncode": proc.returncode}
+        with open(wout) as f:
+            info = json.load(f)
+    finally:
+        os.unlink(wout)
+    info.update(loadavg_before=list(load0), loadavg_after=list(os.getloadavg()), process_wall_seconds=wall)
+    return info
+
+
+def _aggregate(infos: list[dict]) -> dict:
+    """One step's result from its runs: the median run's record (by seconds), with ``seconds_each``
+    and the maximum peak RSS over the runs."""
+    ok = [i for i in infos if "error" not in i]
+    if not ok:
+        return infos[-1]
+    if len(ok) == 1:
+        return ok[0]
+    ok.sort(key=lambda i: i["seconds"])
+    out = dict(ok[(len(ok) - 1) // 2])
+    out["seconds_each"] = [i["seconds"] for i in infos if "error" not in i]
+    out["peak_rss_bytes"] = max(i["peak_rss_bytes"] for i in ok)
+    out["runs"] = len(ok)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Writes JSON and prints a table.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -493,6 +538,9 @@ def main(argv=None) -> int:
     p.add_argument("--wudi-steps", type=int, default=None, help="WUDI Adam steps (default 300, quick 3)")
     p.add_argument("--steps", default=None,
                    help="comma-separated subset of steps (default all); results merge into an existing --out")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="fresh-process runs per step, interleaved across the selected steps (so a drifting "
+                        "machine speed hits every step alike); seconds = median, peak RSS = max (default 1)")
     p.add_argument("--markdown", action="store_true",
                    help="print the results already in --out as a markdown table and exit (runs nothing)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -513,6 +561,8 @@ def main(argv=None) -> int:
             json.dump(info, f)
         return 0
 
+    if args.repeat < 1:
+        p.error(f"--repeat must be >= 1, got {args.repeat}")
     steps = STEP_NAMES if args.steps is None else tuple(s.strip() for s in args.steps.split(",") if s.strip())
     unknown = [s for s in steps if s not in STEP_NAMES]
     if unknown:
@@ -551,44 +601,36 @@ def main(argv=None) -> int:
     res = report.setdefault("steps", {})
     try:
         from tqdm.auto import tqdm
-        bar = tqdm(steps, desc="bench", unit="step")
+        bar = tqdm(total=len(steps) * args.repeat, desc="bench", unit="run")
     except ImportError:
-        bar = steps
-    for name in bar:
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(name)
-        else:
-            print(f"[bench] {name} ...", flush=True)
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tf:
-            wout = tf.name
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-out", wout,
-               "--num-experts", str(k), "--sigma", str(args.sigma), "--wudi-steps", str(wudi_steps)]
-        if args.quick:
-            cmd.append("--quick")
-        load0 = os.getloadavg()
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            res[name] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] and
-                         (proc.stderr or proc.stdout).strip().splitlines()[-1], "returncode": proc.returncode}
-            print(f"\n[bench] step {name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-        else:
-            with open(wout) as f:
-                info = json.load(f)
-            info.update(loadavg_before=list(load0), loadavg_after=list(os.getloadavg()),
-                        process_wall_seconds=wall)
-            if name == "regmean":
+        bar = None
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeat):
+        for name in steps:
+            if bar is not None:
+                bar.set_postfix_str(name if args.repeat == 1 else f"{name} ({rep + 1}/{args.repeat})")
+            else:
+                print(f"[bench] {name} ...", flush=True)
+            info = _run_worker(name, args, k, wudi_steps)
+            if "error" not in info and name == "regmean":
                 info["extra_bound_bytes"] = k * group_bytes       # its input: K activation Gram sets
-            res[name] = info
-            msg = f"{name}: {info['seconds']:.2f} s, peak RSS {_fmt_mib(info['peak_rss_bytes'])} MiB"
-            (bar.write if hasattr(bar, "write") else print)(msg)
-        os.unlink(wout)
+            runs.setdefault(name, []).append(info)
+            if "error" not in info:
+                msg = f"{name}: {info['seconds']:.2f} s, peak RSS {_fmt_mib(info['peak_rss_bytes'])} MiB"
+                (bar.write if bar is not None else print)(msg)
+            if bar is not None:
+                bar.update(1)
+    for name, infos in runs.items():
+        res[name] = _aggregate(infos)
     report["targets"] = _targets(res, bound)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    if bar is not None:
+        bar.close()
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out_dir, suffix=".tmp", delete=False) as f:
+        json.dump(report, f, indent=1)                     # written whole, then renamed: never half a file
+    os.replace(f.name, args.out)
     print_table(report)
     print(f"\nwrote {args.out}")
     return 0
