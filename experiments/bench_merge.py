@@ -269,6 +269,7 @@ def run_step(name: str, quick: bool, num_experts: int, sigma: float, wudi_steps:
                               factor_dtype=dt)
         _block([s.factors for s in pre._stacks])
         extra["prepare_seconds"] = time.perf_counter() - t1
+        extra["prepare_peak_rss_bytes"] = _maxrss_bytes()                # setup + prepare, experts alive
         _block(pre.params(HPARAMS))                                     # warm-up (compiles)
         # a search keeps only the Prepared: it holds no expert references, so the experts are
         # freed here and the re-solves' own peak is measured from this point on
@@ -437,7 +438,9 @@ def print_table(report: dict) -> None:
                   + (f"; max |bf16 - exact| / max |delta| = {r['max_rel_diff_vs_exact']:.1e}"
                      if "max_rel_diff_vs_exact" in r else "")
                   + (f"; re-solve peak RSS {_fmt_mib(r['peak_rss_bytes'])} MiB with the experts freed "
-                     f"(process peak before: {_fmt_mib(r['process_peak_rss_bytes_before_resolve'])} MiB)"
+                     f"(process peak before: {_fmt_mib(r['process_peak_rss_bytes_before_resolve'])} MiB"
+                     + (f", after prepare: {_fmt_mib(r['prepare_peak_rss_bytes'])} MiB"
+                        if "prepare_peak_rss_bytes" in r else "") + ")"
                      if r.get("peak_reset") else ""))
     for n in STEP_NAMES:
         if "seconds_each" in res.get(n, {}):
