@@ -278,6 +278,7 @@ def module_statistics(base: PyTree, experts: Sequence[PyTree], anchor: PyTree, g
 # one chunk (64 MiB at the default, or one module per device if larger), never the statistics of
 # every module.
 CHUNK_ELEMENTS = 2 ** 24
+PREPARE_CHUNK_ELEMENTS_1DEV = 2 ** 22
 
 
 def _module_chunks(lab: Sequence[Label], n_devices: int, max_elements: int = CHUNK_ELEMENTS):
@@ -300,6 +301,14 @@ def _module_chunks(lab: Sequence[Label], n_devices: int, max_elements: int = CHU
         size = -(-size // n_devices) * n_devices
         for j in range(0, len(idx), size):
             yield (d_in, d_out), idx[j:j + size]
+
+
+def _chunk_working_set(chunk, k: int) -> int:
+    """Float32 elements a chunk ``((d_in, d_out), idx)`` of :func:`prepare` needs at once (about):
+    its statistics and eigendecomposition (``~4 d_in^2 + 2 d_in d_out`` per module) and one module's
+    ``[K, d_in, d_out]`` task kernels."""
+    (d_in, d_out), idx = chunk
+    return len(idx) * (4 * d_in * d_in + 2 * d_in * d_out) + k * d_in * d_out
 
 
 def _carried_leaf(mode: str, base_leaf, anchor_leaf, expert_leaves, anchor_scale: float = 1.0):
@@ -667,7 +676,8 @@ class Prepared:
             self._carry_leaves = self._anchor_leaves
         self._stacks, self.unchanged, self.carry, self.prior, self._mesh = stacks, unchanged, carry, prior, mesh
         self._lambda_unit = stats_diag           # {path: tr(S)/d_in}
-        self.modules = tuple(p for st in stacks for p in st.paths)
+        order = {l.path: i for i, l in enumerate(label_list(labels))}
+        self.modules = tuple(sorted((p for st in stacks for p in st.paths), key=order.__getitem__))  # tree order
         self._index: dict | None = None          # {path: (label, base leaf)}, built on first use
 
     def _stack_inputs(self, hparams: Mapping, anchor_scale: float, place: bool = True):
@@ -764,6 +774,7 @@ class Prepared:
                      "carried": False, "delta_norm": n} for p, n in norms.items()}
         for p in self.unchanged:
             diags[p] = {"carried": True, "reason": "no expert changed this module"}
+        diags = {l.path: diags[l.path] for l in label_list(self.labels) if l.path in diags}   # tree order
         params = self._assemble(solved, float(anchor_scale))
         return MergeResult(params, {"modules": diags, "carry": self.carry, "prior": self.prior,
                                     "num_experts": self.num_experts, "devices": int(self._mesh.devices.size),
@@ -817,7 +828,13 @@ def prepare(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, labels:
     anchor = None if owned else anchor         # an owned anchor's module leaves are freed once used
     expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
     stacks, unchanged, unit = [], [], {}
-    chunks = list(_module_chunks(lab, int(mesh.devices.size)))
+    # largest working sets first (the 3072-wide mlp-out eigh, task kernels, statistics), while the
+    # factors kept so far are few; the small chunks come last, when the factors are nearly all there
+    # On one device nothing is gained by stacking (each eigh runs alone): chunks of 16 MiB of
+    # statistics keep the transient working set small.
+    n_dev = int(mesh.devices.size)
+    chunks = sorted(_module_chunks(lab, n_dev, CHUNK_ELEMENTS if n_dev > 1 else PREPARE_CHUNK_ELEMENTS_1DEV),
+                    key=lambda c: -_chunk_working_set(c, k))
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc="eigen factors", unit="chunk")
@@ -845,6 +862,7 @@ def prepare(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, labels:
             if prior == "isotropic":
                 f = eigen_factors_stacked(s, b, ta)
                 stacks.append(_Stack(paths, _to_bfloat16(f) if factor_dtype == "bfloat16" else f))
+                del f                          # with bf16 factors the float32 ones go now, not next chunk
             else:
                 stacks.append(_Stack(paths, (s, b, ta)))
             del s, b, ta
