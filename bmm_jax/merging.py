@@ -425,7 +425,7 @@ def _merge_module(view: tuple, how: str, diagonal: bool, base_leaf, expert_leave
 
 
 def _merge_fused(lab, base_leaves, expert_leaves, anchor_leaves, owned: bool, grams, hp, k: int, w,
-                 diagonal: bool, progress=None):
+                 diagonal: bool):
     """:func:`merge` on one device: one fused call per module (:func:`_merge_module`), the small
     per-module checks read once per chunk of about :data:`CHUNK_ELEMENTS` statistics elements."""
     solved, diags, unchanged = {}, {}, []
@@ -476,8 +476,6 @@ def _merge_fused(lab, base_leaves, expert_leaves, anchor_leaves, owned: bool, gr
             anchor_leaves[i] = None
         pending.append((i, leaf, checks))
         size += l.d_in * l.d_in + 2 * l.d_in * l.d_out
-        if progress is not None:
-            progress.update(1)
         if size >= CHUNK_ELEMENTS:
             flush()
             size = 0
