@@ -484,6 +484,22 @@ def _merge_fused(lab, base_leaves, expert_leaves, anchor_leaves, owned: bool, gr
     return solved, diags, unchanged
 
 
+def _chunk_statistics(chunk, lab, base_leaves, expert_leaves, anchor_leaves, owned: bool, grams, k: int, w,
+                      unchanged: list) -> list[tuple[int, ModuleStats]]:
+    """``[(leaf index, ModuleStats)]`` of one chunk's modules; paths that no expert changed go to
+    ``unchanged``; an owned anchor's leaves are dropped once used."""
+    stats = []
+    for i in chunk:
+        st = _module_stat(lab[i], base_leaves[i], [e[i] for e in expert_leaves], anchor_leaves[i], grams, k, w)
+        if owned:
+            anchor_leaves[i] = None
+        if st is None:
+            unchanged.append(lab[i].path)
+        else:
+            stats.append((i, st))
+    return stats
+
+
 def _merge_stacked(lab, base_leaves, expert_leaves, anchor_leaves, owned: bool, grams, hp, k: int, w,
                    solver, mesh):
     """:func:`merge` over several devices: the statistics of each chunk of same-shape modules are
@@ -491,20 +507,13 @@ def _merge_stacked(lab, base_leaves, expert_leaves, anchor_leaves, owned: bool, 
     solved, diags, unchanged = {}, {}, []
     # stream: statistics of one chunk of same-shape modules -> one stacked solve -> merged leaves
     for shape, chunk in _module_chunks(lab, int(mesh.devices.size)):
-        stats = []
-        for i in chunk:
-            st = _module_stat(lab[i], base_leaves[i], [e[i] for e in expert_leaves], anchor_leaves[i],
-                              grams, k, w)
-            if owned:
-                anchor_leaves[i] = None
-            if st is None:
-                unchanged.append(lab[i].path)
-                continue
+        stats = _chunk_statistics(chunk, lab, base_leaves, expert_leaves, anchor_leaves, owned, grams, k, w,
+                                  unchanged)
+        for i, st in stats:
             if hp[st.label.path][0] == 0.0 and is_singular(st.s):
                 raise ValueError(f"singular system at module '{st.label.path}' ({st.label.d_in} x "
                                  f"{st.label.d_out}): rho = 0 and the weighted Gram S is rank-deficient; "
                                  "use rho > 0 (the anchor prior regularises it)")
-            stats.append((i, st))
         if not stats:
             continue
         m = len(stats)
@@ -839,17 +848,10 @@ def prepare(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, labels:
     # stream: statistics of one chunk of same-shape modules -> stacked eigen factors; S, B, T_a freed
     with lapack_single_thread():
         for shape, chunk in chunks:
-            stats = []
-            for i in chunk:
-                st = _module_stat(lab[i], base_leaves[i], [e[i] for e in expert_leaves], anchor_leaves[i],
-                                  grams, k, w)
-                if owned:
-                    anchor_leaves[i] = None
-                if st is None:
-                    unchanged.append(lab[i].path)
-                else:
-                    stats.append(st)
-                    unit[st.label.path] = float(jnp.trace(st.s)) / st.label.d_in
+            stats = [st for _, st in _chunk_statistics(chunk, lab, base_leaves, expert_leaves, anchor_leaves,
+                                                       owned, grams, k, w, unchanged)]
+            for st in stats:
+                unit[st.label.path] = float(jnp.trace(st.s)) / st.label.d_in
             if not stats:
                 continue
             s = shard_stack([st.s for st in stats], mesh)
