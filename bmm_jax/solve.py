@@ -99,6 +99,8 @@ def _assemble_symmetric(blocks, rows, d: int):
 def symmetric_gram(f):
     """``F F^T`` for ``f [d, r]`` (``[d, d]``, exactly symmetric), computing only the block lower
     triangle: about ``(n + 1) / 2n`` of the flops of one full product for ``n`` row blocks."""
+    if f.ndim != 2:
+        raise ValueError(f"symmetric_gram expects a 2-D factor [d, r], got shape {tuple(f.shape)}")
     d = f.shape[0]
     rows = _row_blocks(d)
     return _assemble_symmetric(_lower_block_rows(f, rows), rows, d)

@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 import bmm_jax
 from bmm_jax import solve as solve_mod
+from bmm_jax.grams.data_free import normalized_weights
 
 
 # ----------------------------------------------------------------------------- references
@@ -277,6 +278,10 @@ def test_symmetric_gram_row_blocks():
     f = np.random.default_rng(3).standard_normal((1100, 20)).astype(np.float32)
     np.testing.assert_allclose(solve_mod.symmetric_gram(jnp.asarray(f)), f.astype(np.float64) @ f.T,
                                rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="2-D factor"):
+        solve_mod.symmetric_gram(jnp.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"weights \[K\]"):
+        normalized_weights(jnp.ones((3, 4, 5)), jnp.ones((2,)))
 
 
 def test_jit_and_no_jit_paths_agree():

@@ -37,6 +37,9 @@ def normalized_weights(task_kernels, weights):
     = (w_k / ||T_k||^2) T_k T_k^T``, so a solver passes the task kernels themselves as factors
     (:func:`bmm_jax.solve.normal_equations_factored(t, t, normalized_weights(t, w))`).
     """
+    if task_kernels.ndim != 3 or weights.shape != task_kernels.shape[:1]:
+        raise ValueError(f"normalized_weights expects task_kernels [K, d_in, d_out] and weights [K], got "
+                         f"{tuple(task_kernels.shape)} and {tuple(weights.shape)}")
     t = task_kernels.astype(jnp.float32)
     sq = jnp.sum(t * t, axis=(-2, -1))
     return jnp.where(sq > 0, weights.astype(jnp.float32) / jnp.where(sq > 0, sq, 1.0), 0.0)
