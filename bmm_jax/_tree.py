@@ -9,6 +9,7 @@ import weakref
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
@@ -46,9 +47,20 @@ def _describe_structure_difference(a: PyTree, b: PyTree) -> str:
     return "; ".join(parts) or "different container types or ordering"
 
 
+def is_traced(tree: PyTree) -> bool:
+    """True if any leaf of ``tree`` is a JAX tracer (the call is being traced by jit/vmap/grad/scan)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
 def check_experts(base: PyTree, experts: Sequence[PyTree], *, min_experts: int = 2,
                   check_finite: bool = True, names: Sequence[str] | None = None) -> list[PyTree]:
     """Validate ``experts`` against ``base`` and return them as a list.
+
+    Structure, shape and dtype checks use static information only (``.shape`` / ``.dtype``), so they
+    also run, and raise, while a transformation traces the call. The NaN/Inf check
+    (``check_finite``) runs only on concrete (eager) inputs, on the arrays' own devices: one fused
+    reduction per tree and one scalar read by the host (:func:`all_finite`); numpy leaves are
+    scanned on the host, where they already are. Traced inputs skip it.
 
     Raises ``TypeError`` for a wrong container / dtype mismatch and ``ValueError`` for a structure
     or shape mismatch, non-finite values or too few experts; every message names the leaf path.
@@ -65,15 +77,19 @@ def check_experts(base: PyTree, experts: Sequence[PyTree], *, min_experts: int =
     base_leaves = leaves_with_paths(base)
     if not base_leaves:
         raise ValueError("base has no array leaves")
+    for path, b in base_leaves:
+        _check_array_like("base", path, b)
     if check_finite:
-        _check_finite("base", base_leaves)
+        check_tree_finite("base", base_leaves)
     for i, expert in enumerate(experts):
         who = names[i] if names is not None else f"expert {i}"
         if jax.tree_util.tree_structure(expert) != base_struct:
             raise ValueError(
                 f"{who} has a different tree structure from base: "
                 f"{_describe_structure_difference(base, expert)}")
-        for (path, b), (_, e) in zip(base_leaves, leaves_with_paths(expert)):
+        expert_leaves = leaves_with_paths(expert)
+        for (path, b), (_, e) in zip(base_leaves, expert_leaves):
+            _check_array_like(who, path, e)
             bshape, eshape = np.shape(b), np.shape(e)
             if bshape != eshape:
                 raise ValueError(f"{who} leaf '{path}': shape {eshape} != base shape {bshape}")
@@ -81,12 +97,26 @@ def check_experts(base: PyTree, experts: Sequence[PyTree], *, min_experts: int =
             if bd != ed:
                 raise TypeError(f"{who} leaf '{path}': dtype {ed} != base dtype {bd}")
         if check_finite:
-            _check_finite(who, leaves_with_paths(expert))
+            check_tree_finite(who, expert_leaves)
     return experts
 
 
+def _check_array_like(who: str, path: str, leaf) -> None:
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        if isinstance(leaf, (int, float, complex, bool, np.generic)):
+            return
+        raise TypeError(f"{who} leaf '{path}' is a {type(leaf).__name__}, not an array")
+    try:
+        np.dtype(leaf.dtype)
+    except TypeError:
+        raise TypeError(f"{who} leaf '{path}' has dtype {leaf.dtype!r}, not a numeric dtype") from None
+    if np.dtype(leaf.dtype).kind not in "biufc" and np.dtype(leaf.dtype).name != "bfloat16":
+        raise TypeError(f"{who} leaf '{path}' has dtype {leaf.dtype}, not a numeric dtype")
+
+
 def _dtype(x):
-    return np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    dt = getattr(x, "dtype", None)
+    return np.dtype(dt) if dt is not None else np.result_type(x)
 
 
 # jax.Arrays are immutable: one verified finite stays finite, so re-validating the same experts
@@ -110,35 +140,69 @@ def _known_finite(leaf) -> bool:
     return ref is not None and ref() is leaf
 
 
-def _finite(leaf) -> bool:
-    """All values finite: ``min`` and ``max`` propagate NaN and expose +-Inf (two SIMD reductions,
-    no boolean temporary, no compilation; 0.06 s for an 87.5 M-parameter model)."""
-    dt = _dtype(leaf)
-    arr = np.asarray(leaf, dtype=np.float32 if dt.itemsize < 4 else dt)
-    return arr.size == 0 or bool(np.isfinite(arr.min()) and np.isfinite(arr.max()))
-
-
 def _is_float(dt) -> bool:
     return bool(np.issubdtype(dt, np.floating) or dt.name == "bfloat16")
 
 
-def _check_finite(who: str, leaves: list[tuple[str, Any]]) -> None:
-    """Raise ``ValueError`` naming the first leaf with NaN/Inf values.
+@jax.jit
+def _device_all_finite(leaves):
+    """One boolean: every value of every leaf finite (min/max propagate NaN and expose Inf)."""
+    ok = jnp.asarray(True)
+    for x in leaves:
+        x = x.astype(jnp.float32) if x.dtype.itemsize < 4 else x
+        ok = ok & jnp.isfinite(jnp.min(x)) & jnp.isfinite(jnp.max(x))
+    return ok
 
-    jax.Array leaves found finite are remembered (they are immutable) and not scanned again; numpy
-    leaves (mutable) are scanned every time.
+
+def _host_finite(arr) -> bool:
+    dt = _dtype(arr)
+    arr = np.asarray(arr, dtype=np.float32 if dt.itemsize < 4 else dt)
+    return arr.size == 0 or bool(np.isfinite(arr.min()) and np.isfinite(arr.max()))
+
+
+def all_finite(leaves: Sequence) -> bool:
+    """True if every floating leaf is free of NaN/Inf.
+
+    jax.Array leaves are reduced on their own devices (respecting their shardings) in one jitted
+    call, and one boolean is read by the host (an explicit ``jax.device_get``); numpy leaves are
+    scanned on the host. Tracers are skipped. Arrays found finite are remembered (immutable).
     """
+    dev, host = [], []
+    for leaf in leaves:
+        if isinstance(leaf, jax.core.Tracer) or not _is_float(_dtype(leaf)):
+            continue
+        if isinstance(leaf, jax.Array):
+            if not _known_finite(leaf) and leaf.size:
+                dev.append(leaf)
+        else:
+            host.append(leaf)
+    if not all(_host_finite(x) for x in host):
+        return False
+    if dev:
+        if not bool(jax.device_get(_device_all_finite(dev))):
+            return False
+        for leaf in dev:
+            _remember_finite(leaf)
+    return True
+
+
+def check_tree_finite(who: str, leaves: list[tuple[str, Any]]) -> None:
+    """Raise ``ValueError`` naming the first leaf with NaN/Inf values (eager inputs only).
+
+    The check itself is :func:`all_finite` (one device reduction, one scalar); only when it fails
+    are the leaves examined one by one to name the culprit.
+    """
+    if all_finite([leaf for _, leaf in leaves]):
+        return
     for path, leaf in leaves:
-        if not _is_float(_dtype(leaf)):
+        if isinstance(leaf, jax.core.Tracer) or not _is_float(_dtype(leaf)):
             continue
-        cacheable = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
-        if cacheable and _known_finite(leaf):
-            continue
-        if _finite(leaf):
-            if cacheable:
-                _remember_finite(leaf)
-            continue
-        arr = np.asarray(leaf, dtype=np.float32)
-        n_nan = int(np.isnan(arr).sum())
-        n_inf = int(np.isinf(arr).sum())
-        raise ValueError(f"{who} leaf '{path}' has non-finite values ({n_nan} NaN, {n_inf} Inf)")
+        if not all_finite([leaf]):
+            arr = np.asarray(jax.device_get(leaf), dtype=np.float32)
+            n_nan = int(np.isnan(arr).sum())
+            n_inf = int(np.isinf(arr).sum())
+            raise ValueError(f"{who} leaf '{path}' has non-finite values ({n_nan} NaN, {n_inf} Inf)")
+    raise ValueError(f"{who} has non-finite values")
+
+
+_check_finite = check_tree_finite          # old private name, kept for internal callers

@@ -153,7 +153,9 @@ def build_labels(params: PyTree, *, include: Sequence[str] | None = None,
     Returns:
       A pytree with the structure of ``params`` whose leaves are :class:`Label`.
     """
-    exclude = DEFAULT_EXCLUDE if exclude is None else tuple(exclude)
+    include = _patterns(include, "include")
+    exclude = DEFAULT_EXCLUDE if exclude is None else _patterns(exclude, "exclude")
+    transposed = _patterns(transposed, "transposed")
     all_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     for name, pats in (("include", include), ("exclude", None if exclude is DEFAULT_EXCLUDE else exclude)):
         for pat in pats or ():
@@ -191,6 +193,66 @@ def build_labels(params: PyTree, *, include: Sequence[str] | None = None,
                      layout=layout, d_in=int(d_in), d_out=int(d_out))
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _patterns(value, name: str) -> tuple[str, ...] | None:
+    """A pattern list argument: a single string is one pattern (not its characters)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, re.Pattern)):
+        value = (value,)
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a regular expression or a sequence of them, got "
+                        f"{type(value).__name__}") from None
+    out = []
+    for v in value:
+        if isinstance(v, re.Pattern):
+            v = v.pattern
+        if not isinstance(v, str):
+            raise TypeError(f"{name} patterns must be strings, got {type(v).__name__} ({v!r})")
+        out.append(v)
+    return tuple(out)
+
+
+def expected_shape(label: Label) -> tuple[int, ...] | None:
+    """The leaf shape a regressed label describes (``None`` for carried leaves)."""
+    return {"dense": (label.d_in, label.d_out), "transposed": (label.d_out, label.d_in),
+            "conv1x1": (1, 1, label.d_in, label.d_out)}.get(label.layout)
+
+
+def check_labels(labels: PyTree, params: PyTree, *, name: str = "base") -> list[Label]:
+    """Validate a label tree against ``params`` and return its labels in tree order.
+
+    The one validator every entry point uses (merge, prepare, the anchors, the Gram estimators):
+    one :class:`Label` per leaf, paths equal to the leaf paths, and every regressed label's
+    ``(layout, d_in, d_out)`` fitting its leaf's shape (a label tree built from another model with
+    the same paths is rejected). Static information only: works on traced params.
+
+    Raises:
+      TypeError: ``labels`` is not a label tree. ValueError: a mismatch, naming the leaf.
+    """
+    labs = label_list(labels)
+    if not labs or not all(isinstance(l, Label) for l in labs):
+        raise TypeError("labels must be a label tree from bmm_jax.labels.build_labels "
+                        "(a pytree whose leaves are Label)")
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if len(labs) != len(flat):
+        raise ValueError(f"labels have {len(labs)} leaves but {name} has {len(flat)}: "
+                         f"build the label tree from the same params (bmm_jax.build_labels({name}))")
+    for l, (p, leaf) in zip(labs, flat):
+        p = path_str(p)
+        if l.path != p:
+            raise ValueError(f"label path '{l.path}' does not match {name} leaf '{p}': "
+                             "build the label tree from the same params")
+        if l.regressed:
+            want = expected_shape(l)
+            shape = tuple(np.shape(leaf))
+            if want is None or shape != want:
+                raise ValueError(f"label of leaf '{p}' (layout {l.layout}, {l.d_in} x {l.d_out}) does not "
+                                 f"fit its shape {shape}: the label tree was built from other params")
+    return labs
 
 
 def label_list(labels: PyTree) -> list[Label]:

@@ -38,7 +38,7 @@ import numpy as np
 from bmm_jax._tree import PyTree, check_experts, leaves_with_paths
 from bmm_jax.grams._base import Grams
 from bmm_jax.grams.data_free import normalized_weights
-from bmm_jax.labels import Label, build_labels, label_list
+from bmm_jax.labels import Label, build_labels, check_labels, label_list
 from bmm_jax.memory import trim
 from bmm_jax.sharding import module_mesh, shard_stack
 from bmm_jax.solve import (HIGHEST, EigenFactors, check_prior, check_rho, eigen_factors_stacked,
@@ -155,12 +155,7 @@ def resolve_anchor(anchor, base: PyTree, experts: Sequence[PyTree], *, grams=Non
 
 
 def _check_labels(labels: PyTree, base: PyTree) -> list[Label]:
-    lab = label_list(labels)
-    paths = [p for p, _ in leaves_with_paths(base)]
-    if [l.path for l in lab] != paths:
-        raise ValueError(f"the label tree does not match base: {len(lab)} labels vs {len(paths)} leaves "
-                         "(build it with bmm_jax.labels.build_labels(base))")
-    return lab
+    return check_labels(labels, base)
 
 
 def _weights(weights, k: int) -> jax.Array:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmm_jax._tree import PyTree, check_experts, leaves_with_paths
-from bmm_jax.labels import Label, build_labels, label_list
+from bmm_jax.labels import Label, build_labels, check_labels, label_list
 from bmm_jax.solve import single_thread_lapack
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -107,24 +107,7 @@ def prepare(base: PyTree, experts: Sequence[PyTree], labels: PyTree | None = Non
     labs = None
     if need_labels:
         tree = build_labels(base) if labels is None else labels
-        labs = label_list(tree)
-        if not all(isinstance(l, Label) for l in labs):
-            raise TypeError("labels must be a label tree from bmm_jax.labels.build_labels "
-                            "(a pytree whose leaves are Label)")
-        if len(labs) != len(paths):
-            raise ValueError(f"labels have {len(labs)} leaves but base has {len(paths)}: "
-                             "build the label tree from the same params")
-        for l, p, b in zip(labs, paths, flat):
-            if l.path != p:
-                raise ValueError(f"label path '{l.path}' does not match base leaf '{p}': "
-                                 "build the label tree from the same params")
-            if l.regressed:
-                shape = np.shape(b)
-                want = {"dense": (l.d_in, l.d_out), "transposed": (l.d_out, l.d_in),
-                        "conv1x1": (1, 1, l.d_in, l.d_out)}.get(l.layout)
-                if want is None or tuple(shape) != want:
-                    raise ValueError(f"label of leaf '{p}' (layout {l.layout}, {l.d_in} x "
-                                     f"{l.d_out}) does not fit its shape {tuple(shape)}")
+        labs = check_labels(tree, base)
     return Context(treedef, paths, list(flat), expert_leaves, labs)
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from bmm_jax._tree import PyTree, check_experts, leaves_with_paths
 from bmm_jax.grams._base import Grams
-from bmm_jax.labels import Label, build_labels, label_list
+from bmm_jax.labels import Label, build_labels, check_labels, label_list
 
 
 @jax.jit
@@ -76,11 +76,8 @@ def data_free(base: PyTree, experts: Sequence[PyTree], labels: PyTree | None = N
     """
     experts = check_experts(base, experts)
     labels = build_labels(base) if labels is None else labels
-    lab = label_list(labels)
+    lab = check_labels(labels, base)
     base_leaves = leaves_with_paths(base)
-    if len(lab) != len(base_leaves):
-        raise ValueError(f"labels have {len(lab)} leaves but base has {len(base_leaves)}: "
-                         "build the label tree from the same params")
     expert_leaves = [[leaf for _, leaf in leaves_with_paths(e)] for e in experts]
     factors, key_of, sources = {}, {}, {}
     for i, (l, (path, b)) in enumerate(zip(lab, base_leaves)):
