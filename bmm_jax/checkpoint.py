@@ -7,23 +7,35 @@ Layout of a checkpoint directory ``path``::
       metadata.json    {"format": "bmm_jax.checkpoint/1", "checksum": sha256 of the leaves,
                         "leaves": {leaf path: [dtype, shape]}, "metadata": user metadata}
 
-Saving is atomic: the checkpoint is written to a temporary directory next to ``path`` (same
-parent, so the same file system), then moved into place with renames. An existing checkpoint at
-``path`` is first renamed to a backup and removed only after the new one is in place; a crash at
-any point leaves either the old or the new checkpoint readable (a backup left by a crash between
-the two renames is restored by the next :func:`load` / :func:`save`).
+Saving is atomic: the checkpoint is written to a temporary directory ``.<name>.tmp-<hex>`` next
+to ``path`` (same parent, so the same file system), then moved into place with renames. An
+existing checkpoint at ``path`` is first renamed to a backup ``.<name>.old-<hex>`` and removed only
+after the new one is in place; a crash at any point leaves either the old or the new checkpoint
+readable (a backup left by a crash between the two renames is restored by the next :func:`load` /
+:func:`save`). A save holds a lock on its temporary directory; the temporary directories of killed
+saves (unlocked, with only checkpoint files inside) are removed by the next save into the same
+parent folder.
+
+Saving never destroys what is not a checkpoint: :func:`save` replaces only an empty folder or a
+previous bmm_jax checkpoint (``metadata.json`` with this format, next to ``params/`` and nothing
+else). A folder of other files or a regular file at ``path`` is refused with a ``ValueError``
+naming it, unless ``overwrite=True``. :func:`check_target` runs the same check without writing
+(entry points call it before long computations).
 
 :func:`load` verifies the content checksum, so a truncated or bit-flipped checkpoint raises a
 ``ValueError`` naming the path instead of returning wrong weights.
 """
 from __future__ import annotations
 
-import glob
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import uuid
 import jax
 import numpy as np
@@ -63,33 +75,214 @@ def _leaf_table(params: PyTree) -> dict[str, list]:
     return out
 
 
+# temporary and backup names: ".<name>.tmp-<12 hex>" / ".<name>.old-<12 hex>" in the same parent
+_TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
+
+
+def _old_re(name: str):
+    return re.compile(r"^\." + re.escape(name) + r"\.old-[0-9a-f]{12}$")
+
+
+def _remove(p: str) -> None:
+    """Remove a file, a symlink (not its target) or a directory tree; missing is fine."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
 def _backups(path: str) -> list[str]:
+    """Backups ``.<name>.old-<hex>`` of ``path``, oldest first."""
     parent, name = os.path.split(path)
-    return sorted(glob.glob(os.path.join(parent, f".{name}.old-*")))
+    pat = _old_re(name)
+    try:
+        found = [os.path.join(parent, f) for f in os.listdir(parent) if pat.match(f)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+    def mtime(b):
+        try:
+            return os.lstat(b).st_mtime_ns
+        except OSError:
+            return 0
+    return sorted(found, key=lambda b: (mtime(b), b))
 
 
 def _recover(path: str) -> None:
-    """Restore a backup left by a crash between the two renames of :func:`save`."""
+    """Restore a backup left by a crash between the two renames of :func:`save`; drop stale ones."""
     backups = _backups(path)
-    if not os.path.exists(path) and backups:
+    if not os.path.lexists(path) and backups:
         os.rename(backups[-1], path)
         backups = backups[:-1]
     for b in backups:
-        shutil.rmtree(b, ignore_errors=True)
+        _remove(b)
 
 
-def save(path: str | os.PathLike, params: PyTree, metadata: dict | None = None) -> str:
+def _only_checkpoint_files(entries) -> bool:
+    """Top-level entries a (possibly unfinished) checkpoint of ours can hold: ``metadata.json`` and
+    ``params`` (orbax writes ``params.orbax-checkpoint-tmp-*`` first)."""
+    return all(e == _META or e.startswith(_PARAMS) for e in entries)
+
+
+def _lock_dir(d: str) -> int | None:
+    """An fd holding an exclusive ``flock`` on directory ``d``, or None if another process holds it."""
+    fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return None
+        raise
+    return fd
+
+
+def _make_tmp(parent: str, name: str) -> tuple[str, int]:
+    """Create and lock a fresh temporary directory ``.<name>.tmp-<hex>`` in ``parent``."""
+    for _ in range(100):
+        tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+        os.mkdir(tmp)
+        fd = _lock_dir(tmp)
+        if fd is not None:
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                    return tmp, fd
+            except FileNotFoundError:   # a cleaner took it between mkdir and flock: try another name
+                pass
+            os.close(fd)
+    raise OSError(f"could not create a temporary checkpoint folder in {parent}")
+
+
+def clean_stale_temps(parent: str | os.PathLike) -> list[str]:
+    """Remove the temporary directories that killed saves left in ``parent``; returns them.
+
+    Only directories named ``.<name>.tmp-<12 hex digits>`` that hold nothing but checkpoint files
+    (``params*``, ``metadata.json``) and that no live save holds locked are removed.
+    """
+    parent = os.fspath(parent)
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for f in names:
+        if not _TMP_RE.match(f):
+            continue
+        d = os.path.join(parent, f)
+        try:
+            if not stat.S_ISDIR(os.lstat(d).st_mode) or not _only_checkpoint_files(os.listdir(d)):
+                continue
+            fd = _lock_dir(d)
+        except OSError:
+            continue
+        if fd is None:                  # a live save is writing it
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _describe(entries: list[str]) -> str:
+    shown = ", ".join(sorted(entries)[:5])
+    return shown + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """True if ``path`` is recognisably a bmm_jax checkpoint: a folder holding ``metadata.json``
+    with this module's format and nothing else but ``params/`` (weights are not read)."""
+    path = os.fspath(path)
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return False
+    return _META in entries and _only_checkpoint_files(entries) and _has_header(path)
+
+
+def _has_header(path: str) -> bool:
+    """True if ``path/metadata.json`` is a header of this format (other files may sit beside it)."""
+    try:
+        with open(os.path.join(path, _META)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def check_target(path: str | os.PathLike, *, overwrite: bool = False, what: str = "checkpoint path",
+                 how: str = "pass overwrite=True") -> str:
+    """Check that :func:`save` may write to ``path``, without writing anything there.
+
+    Allowed: a missing path, an empty folder, a previous bmm_jax checkpoint
+    (:func:`is_checkpoint_dir`) and, with ``overwrite=True``, anything else but the file system
+    root. ``what`` / ``how`` word the error (e.g. ``"--out"`` / ``"pass --overwrite"``).
+
+    Returns:
+      ``"absent" | "empty" | "checkpoint" | "other"`` (the last only with ``overwrite``).
+
+    Raises:
+      ValueError: naming ``path`` and what is there.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    if not name:
+        raise ValueError(f"{what} {path!r} has no final directory name")
+    if not os.path.lexists(path):
+        return "absent"
+    if os.path.isdir(path):
+        try:
+            entries = os.listdir(path)
+        except OSError as e:
+            raise ValueError(f"{what} {path} exists but cannot be listed ({e.strerror})") from None
+        if not entries:
+            return "empty"
+        if is_checkpoint_dir(path):
+            return "checkpoint"
+        if overwrite:
+            return "other"
+        if _has_header(path):
+            others = [e for e in entries if e != _META and not e.startswith(_PARAMS)]
+            why = f"it is a checkpoint with other files beside it ({_describe(others)})"
+        else:
+            why = f"it is a folder that is not a bmm_jax checkpoint (holds {_describe(entries)})"
+        raise ValueError(f"refusing to replace {what} {path}: {why}; choose another path, or {how} to "
+                         "replace it")
+    if overwrite:
+        return "other"
+    kind = "a regular file" if os.path.isfile(path) else "not a folder"
+    raise ValueError(f"refusing to replace {what} {path}: it is {kind}, not a bmm_jax checkpoint folder; "
+                     f"choose another path, or {how} to replace it")
+
+
+def save(path: str | os.PathLike, params: PyTree, metadata: dict | None = None, *,
+         overwrite: bool = False) -> str:
     """Atomically save ``params`` (a pytree of arrays) to the directory ``path``.
 
     Args:
-      path: checkpoint directory; its parent is created if needed. An existing checkpoint there
-        is replaced (atomically: on failure the old one stays).
+      path: checkpoint directory; its parent is created if needed. An empty folder or a previous
+        checkpoint there is replaced (atomically: on failure the old one stays).
       params: pytree of numpy / jax arrays (nested dicts as in Flax).
       metadata: optional JSON-serialisable dict stored beside the weights (read it back with
         :func:`load_metadata`).
+      overwrite: also replace a folder that is not a bmm_jax checkpoint, or a file (default: refuse
+        with a ``ValueError``, so that a mistyped path never deletes a user's files).
 
     Returns:
       The weight checksum (:func:`tree_checksum`) stored in the checkpoint.
+
+    Raises:
+      ValueError: an empty params tree, or ``path`` holds something else than a checkpoint (see
+        :func:`check_target`).
+      TypeError: metadata that is not JSON-serialisable.
     """
     import orbax.checkpoint as ocp
 
@@ -106,12 +299,14 @@ def save(path: str | os.PathLike, params: PyTree, metadata: dict | None = None) 
             raise TypeError(f"checkpoint metadata for {path} is not JSON-serialisable: {e}") from None
     os.makedirs(parent, exist_ok=True)
     _recover(path)
+    check_target(path, overwrite=overwrite)
+    clean_stale_temps(parent)
     params = jax.tree_util.tree_map(lambda x: x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x),
                                     params)
     checksum = tree_checksum(params)
-    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp, lock = _make_tmp(parent, name)
+    old = None
     try:
-        os.makedirs(tmp)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, _PARAMS), params)
             ckptr.wait_until_finished()
@@ -121,16 +316,22 @@ def save(path: str | os.PathLike, params: PyTree, metadata: dict | None = None) 
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        old = None
-        if os.path.exists(path):
+        if os.path.lexists(path):
             old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
             os.rename(path, old)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.lexists(path):
+            try:
+                os.rename(old, path)        # put the previous checkpoint back at once
+            except OSError:
+                pass                        # _recover() restores it on the next load / save
         raise
+    finally:
+        os.close(lock)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return checksum
 
 
@@ -232,4 +433,5 @@ def is_valid(path: str | os.PathLike, like: PyTree | None = None) -> bool:
         return False
 
 
-__all__ = ["save", "load", "load_metadata", "checksum_of", "tree_checksum", "is_valid"]
+__all__ = ["save", "load", "load_metadata", "checksum_of", "tree_checksum", "is_valid", "check_target",
+           "is_checkpoint_dir", "clean_stale_temps"]

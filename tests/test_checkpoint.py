@@ -211,3 +211,170 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="not JSON-serialisable"):
         checkpoint.save(tmp_path / "c", _tree(), metadata={"f": object()})
     assert not os.path.exists(tmp_path / "c")
+
+
+# ----------------------------------------------------------------------------- never destroy a user's files
+def _snapshot(root) -> dict:
+    """{relative path: bytes} of every file under ``root`` (an independent record of what is there)."""
+    out = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
+    tree = _tree()
+    # a folder of the user's own files
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("do not delete")
+    (mine / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = _snapshot(mine)
+    with pytest.raises(ValueError, match=r"refusing to replace checkpoint path .*mine: it is a folder that is not "
+                                         r"a bmm_jax checkpoint \(holds notes.txt, sub\).*overwrite=True"):
+        checkpoint.save(mine, tree)
+    assert _snapshot(mine) == before and _siblings(mine) == []
+    # a regular file
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"precious")
+    with pytest.raises(ValueError, match=r"refusing to replace checkpoint path .*weights.bin: it is a regular file"):
+        checkpoint.save(f, tree)
+    assert f.read_bytes() == b"precious"
+    # a checkpoint the user put other files beside
+    ck = tmp_path / "ck"
+    checkpoint.save(ck, tree)
+    (ck / "README").write_text("mine")
+    with pytest.raises(ValueError, match=r"checkpoint with other files beside it \(README\)"):
+        checkpoint.save(ck, _tree(1))
+    assert (ck / "README").read_text() == "mine" and _bits(checkpoint.load(ck)) == _bits(tree)
+    # a checkpoint whose header is not ours
+    foreign = tmp_path / "foreign"
+    (foreign / "params").mkdir(parents=True)
+    (foreign / "metadata.json").write_text(json.dumps({"format": "other/1"}))
+    with pytest.raises(ValueError, match="not a bmm_jax checkpoint"):
+        checkpoint.save(foreign, tree)
+    assert json.loads((foreign / "metadata.json").read_text()) == {"format": "other/1"}
+    # check_target says the same without writing, and accepts absent / empty / checkpoint paths
+    (tmp_path / "empty").mkdir()
+    assert checkpoint.check_target(tmp_path / "absent") == "absent"
+    assert checkpoint.check_target(tmp_path / "empty") == "empty"
+    assert checkpoint.check_target(ck, overwrite=True) == "other"
+    (ck / "README").unlink()
+    assert checkpoint.check_target(ck) == "checkpoint" and checkpoint.is_checkpoint_dir(ck)
+    assert not checkpoint.is_checkpoint_dir(mine) and not checkpoint.is_checkpoint_dir(f)
+    with pytest.raises(ValueError, match=r"refusing to replace --out .*mine.*pass --overwrite"):
+        checkpoint.check_target(mine, what="--out", how="pass --overwrite")
+    checkpoint.save(tmp_path / "empty", tree)                 # an empty folder is fine
+    assert _bits(checkpoint.load(tmp_path / "empty")) == _bits(tree)
+
+
+def test_overwrite_replaces_folders_and_files_without_leftovers(tmp_path):
+    tree = _tree()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("replace me")
+    checkpoint.save(mine, tree, overwrite=True)
+    assert _bits(checkpoint.load(mine)) == _bits(tree) and sorted(os.listdir(mine)) == ["metadata.json", "params"]
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"old")
+    checkpoint.save(f, tree, overwrite=True)
+    assert os.path.isdir(f) and _bits(checkpoint.load(f)) == _bits(tree)
+    assert _siblings(mine) == ["weights.bin"]                 # no hidden .weights.bin.old-* copy
+
+
+def test_stale_temporary_folders_are_cleaned(tmp_path):
+    """Temporary folders of killed saves go on the next save into the same parent; a live save's
+    (locked) folder, folders with foreign content and other hidden names stay."""
+    tree = _tree()
+    path = tmp_path / "ckpt"
+    checkpoint.save(path, tree)
+    # what a kill inside orbax / after the header leaves: ours, unlocked
+    dead1 = tmp_path / ".ckpt.tmp-0123456789ab"
+    (dead1 / "params.orbax-checkpoint-tmp").mkdir(parents=True)
+    (dead1 / "params.orbax-checkpoint-tmp" / "d").write_bytes(os.urandom(1000))
+    dead2 = tmp_path / ".other.tmp-abcdefabcdef"
+    (dead2 / "params").mkdir(parents=True)
+    (dead2 / "metadata.json").write_text("{")
+    # not ours: a foreign file inside, a name that only looks similar, a live (locked) save
+    foreign = tmp_path / ".ckpt.tmp-00000000000f"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    similar = tmp_path / ".ckpt.tmp-xyz"
+    similar.mkdir()
+    live = tmp_path / ".ckpt.tmp-feedfeedfeed"
+    live.mkdir()
+    fd = checkpoint._lock_dir(str(live))
+    assert fd is not None
+    try:
+        checkpoint.save(path, _tree(1))
+        left = _siblings(path)
+    finally:
+        os.close(fd)
+    assert left == sorted([foreign.name, similar.name, live.name])
+    assert (foreign / "notes.txt").read_text() == "keep"
+    assert _bits(checkpoint.load(path)) == _bits(_tree(1))
+    checkpoint.save(path, tree)                               # the live one, now unlocked and empty, goes too
+    assert _siblings(path) == sorted([foreign.name, similar.name])
+
+
+# ----------------------------------------------------------------------------- kill -9 drill
+_SAVER = r"""
+import os, sys
+sys.path.insert(0, {here!r}); sys.path.insert(0, {root!r})
+import numpy as np
+from bmm_jax import checkpoint
+import test_checkpoint as T
+trees = [T._big_tree(0), T._big_tree(1)]
+i = 0
+while True:
+    checkpoint.save({path!r}, trees[i % 2], metadata={{"i": i}})
+    print(i, flush=True)
+    i += 1
+"""
+
+
+def _big_tree(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"w": {str(j): rng.standard_normal((192, 192)).astype(np.float32) for j in range(6)},
+            "b": rng.standard_normal(192).astype(np.float32)}
+
+
+def test_kill9_during_saves_keeps_a_complete_checkpoint(tmp_path):
+    """``kill -9`` at random points of a stream of saves to one path: every time, the path holds
+    the previous or the new checkpoint, complete and bitwise (checksum-verified); the next save
+    leaves no temporary or backup folder behind."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = str(tmp_path / "ckpt")
+    want = [_bits(_big_tree(0)), _bits(_big_tree(1))]
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    kills = 3
+    for drill in range(kills):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER.format(here=here, root=os.path.dirname(here),
+                                                                     path=path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        first = proc.stdout.readline()                        # one save finished: the path exists
+        assert first.strip().isdigit(), proc.stderr.read()[-3000:]
+        t0 = time.perf_counter()
+        second = proc.stdout.readline()                       # the duration of one save
+        per_save = time.perf_counter() - t0
+        assert second.strip().isdigit(), proc.stderr.read()[-3000:]
+        time.sleep(rng.uniform(0.0, 2.0 * per_save))          # a random point of the next save(s)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        got = checkpoint.load(path)                           # verifies the checksum
+        i = checkpoint.load_metadata(path)["i"]
+        assert _bits(got) == want[i % 2], f"drill {drill} (seed {seed}): checkpoint {i} does not hold its tree"
+    checkpoint.save(path, _big_tree(0), metadata={"i": -1})
+    assert _siblings(path) == [], f"seed {seed}"
+    assert _bits(checkpoint.load(path)) == want[0]
