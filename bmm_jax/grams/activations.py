@@ -71,14 +71,17 @@ def update(state: GramState, captured: Mapping[str, Any]) -> GramState:
 
 
 def finalize(state: GramState) -> dict:
-    """``{group: sums / counts}``; raises ``ValueError`` for a group that saw no real row."""
-    out = {}
-    for g, s in state.sums.items():
-        n = float(state.counts[g])
-        if n <= 0:
-            raise ValueError(f"input group {g!r} saw no (unmasked) activation row: cannot form its Gram")
-        out[g] = s / n
-    return out
+    """``{group: sums / counts}`` (jittable). Eagerly, raises ``ValueError`` for a group that saw no
+    real row; under a transformation such a group's Gram is NaN."""
+    counts = state.counts
+    if not any(isinstance(c, jax.core.Tracer) for c in counts.values()):
+        # eager: one explicit transfer of the per-group counts (scalars) to name an empty group
+        host = jax.device_get(dict(counts))
+        for g, n in host.items():
+            if float(n) <= 0:
+                raise ValueError(f"input group {g!r} saw no (unmasked) activation row: cannot form its Gram")
+    # traced: a group with no row gives NaN (0 / 0), visible in the result
+    return {g: s / counts[g] for g, s in state.sums.items()}
 
 
 def gram_from_activations(x, mask=None):
