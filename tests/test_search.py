@@ -387,6 +387,171 @@ def test_resume_after_kill9(tmp_path):
     assert len(starts) == n + 2  # nothing else repeated (the anchor included)
 
 
+# --------------------------------------------------------------------------- a damaged or missing study
+def _run_files(run) -> dict:
+    """{name: bytes} of every file of a run directory but its lock (an independent record)."""
+    return {f: open(os.path.join(run, f), "rb").read() for f in sorted(os.listdir(run)) if f != ".search.lock"}
+
+
+def _finished_run(tmp_path, name="run"):
+    base, experts, anchor, grams = _tiny()
+    prep = _TinyPrep(base, experts, anchor, grams)
+    run = str(tmp_path / name)
+    cfg = S.SearchConfig(num_trials=2, designer="quasi_random", **FAST)
+    S.search(prep, lambda p: 0.0, cfg, run_dir=run, anchor=anchor, progress=False, verbose=False)
+    return prep, anchor, cfg, run
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "header_only", "zeroed_pages"])
+def test_damaged_study_is_named_and_nothing_is_rewritten(tmp_path, damage):
+    prep, anchor, cfg, run = _finished_run(tmp_path)
+    db = os.path.join(run, "vizier.db")
+    raw = open(db, "rb").read()
+    if damage == "truncated":
+        bad = raw[: len(raw) // 2]
+    elif damage == "garbage":
+        bad = os.urandom(len(raw))
+    elif damage == "header_only":
+        bad = raw[:100]
+    else:                                  # every page after the first zeroed
+        bad = raw[:4096] + bytes(len(raw) - 4096)
+    open(db, "wb").write(bad)
+    before = _run_files(run)
+    with pytest.raises(S.StudyError, match=r"search study .*run/vizier\.db .*new run directory") as e:
+        S.search(prep, lambda p: 0.0, cfg, run_dir=run, anchor=anchor, progress=False, verbose=False)
+    assert isinstance(e.value, ValueError) and len(str(e.value).splitlines()) == 1
+    assert _run_files(run) == before       # groups.json, trials.json, vizier.db: untouched
+
+
+@pytest.mark.parametrize("how", ["deleted", "zero_length"])
+def test_missing_study_beside_old_reports_is_refused(tmp_path, how):
+    prep, anchor, cfg, run = _finished_run(tmp_path)
+    db = os.path.join(run, "vizier.db")
+    if how == "deleted":
+        os.remove(db)
+    else:
+        open(db, "wb").close()
+    before = _run_files(run)
+    state = "missing" if how == "deleted" else "empty"
+    with pytest.raises(S.StudyError, match=rf"vizier\.db is {state}, but .* holds the reports of an earlier search "
+                                           r"\(trials\.json, trials\.csv, best\.json\)"):
+        S.search(prep, lambda p: 0.0, cfg, run_dir=run, anchor=anchor, progress=False, verbose=False)
+    assert _run_files(run) == before
+    # with the old reports moved aside, a new study starts (an empty database file is fine then)
+    for f in ("trials.json", "trials.csv", "best.json"):
+        os.rename(os.path.join(run, f), os.path.join(run, f + ".old"))
+    res = S.search(prep, lambda p: 1.0, cfg, run_dir=run, anchor=anchor, progress=False, verbose=False)
+    assert [t.id for t in res.trials] == [0, 1, 2] and res.trials[1].value == 1.0
+
+
+def test_refused_rerun_leaves_the_run_directory_untouched(tmp_path):
+    prep, anchor, cfg, run = _finished_run(tmp_path)
+    before = _run_files(run)
+    other = S.SearchConfig(grouping="block", num_trials=2, designer="quasi_random", **FAST)
+    with pytest.raises(S.StudyError, match="different search space"):
+        S.search(prep, lambda p: 0.0, other, run_dir=run, anchor=anchor, progress=False, verbose=False)
+    assert _run_files(run) == before       # groups.json still describes the stored study
+    groups = json.loads(before["groups.json"])
+    assert groups == json.loads(json.dumps(S.space.groups_dict(S.build_space(prep.labels, cfg))))
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        S.search(prep, lambda p: 0.0, cfg, run_dir=str(f), anchor=anchor, progress=False, verbose=False)
+    assert f.read_text() == "x"
+
+
+def test_live_run_directory_is_refused(tmp_path):
+    import fcntl
+    prep, anchor, cfg, run = _finished_run(tmp_path)
+    before = _run_files(run)
+    with open(os.path.join(run, ".search.lock"), "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)       # another live process
+        with pytest.raises(S.RunDirInUse, match="in use by another live search"):
+            S.search(prep, lambda p: 0.0, cfg, run_dir=run, anchor=anchor, progress=False, verbose=False)
+    assert _run_files(run) == before
+
+
+# --------------------------------------------------------------------------- kill -9 at a random point
+_RANDOM_CHILD = r"""
+import os, sys, time, random
+sys.path.insert(0, {here!r}); sys.path.insert(0, {root!r})
+import test_search as T
+import bmm_jax.search as S
+base, experts, anchor, grams = T._tiny()
+prep = T._TinyPrep(base, experts, anchor, grams)
+obj = T._target_objective(prep)
+log = {log!r}
+rng = random.Random({seed})
+def objective(params):
+    h = T._hash(params)
+    with open(log, "a") as f: f.write("start " + h + "\n")
+    time.sleep(rng.uniform(0.02, 0.08))
+    v = obj(params)
+    with open(log, "a") as f: f.write("end " + h + "\n")
+    return v
+S.search(prep, objective, S.SearchConfig(num_trials={n}, designer="quasi_random", jax_cache_dir=None),
+         run_dir={run!r}, anchor=anchor, progress=False, verbose=False)
+"""
+
+
+def test_resume_after_kill9_at_random_points(tmp_path):
+    """Two ``kill -9`` at random moments (inside an evaluation, a datastore write, the designer...),
+    then a resume: every trial id 1..n completed once with a distinct point, at most one
+    evaluation per kill repeated (the trial left ACTIVE), nothing lost."""
+    import random
+    run, log, n = str(tmp_path / "run"), str(tmp_path / "evals.log"), 12
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    kills = 0
+    for drill in range(2):
+        code = _RANDOM_CHILD.format(here=HERE, root=ROOT, log=log, n=n, run=run, seed=seed + drill)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        t0 = time.time()
+        have = sum(1 for l in open(log)) if os.path.exists(log) else 0
+        while (sum(1 for l in open(log)) if os.path.exists(log) else 0) == have:   # it started evaluating
+            if proc.poll() is not None or time.time() - t0 > 80:
+                proc.kill()
+                raise AssertionError("child search did not start: " + proc.stderr.read().decode()[-3000:])
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1, f"seed {seed}: the searches finished before any kill"
+    base, experts, anchor, grams = _tiny()
+    prep = _TinyPrep(base, experts, anchor, grams)
+    obj = _target_objective(prep)
+
+    def objective(params):
+        h = _hash(params)
+        with open(log, "a") as f:
+            f.write("start " + h + "\n")
+        v = obj(params)
+        with open(log, "a") as f:
+            f.write("end " + h + "\n")
+        return v
+
+    res = S.search(prep, objective, S.SearchConfig(num_trials=n, designer="quasi_random", **FAST),
+                   run_dir=run, anchor=anchor, progress=False, verbose=False)
+    trials = res.trials[1:]
+    msg = f"seed {seed}, {kills} kills"
+    assert [t.id for t in trials] == list(range(1, n + 1)), msg
+    assert all(t.state == "COMPLETED" for t in trials), msg
+    sp = S.build_space(prep.labels, S.SearchConfig())
+    hashes = [_hash(prep.params(S.space.module_hparams(sp, S.space.group_hparams(sp, t.point)))) for t in trials]
+    assert len(set(hashes)) == n, msg                           # no point repeated as a new trial
+    for t, h in zip(trials, hashes):                            # each stored value is its point's objective
+        assert t.value == pytest.approx(obj(prep.params(S.space.module_hparams(sp, S.space.group_hparams(sp, t.point)))))
+    words = open(log).read().split()
+    starts = [h for k, h in zip(words[::2], words[1::2]) if k == "start"]
+    repeated = len(starts) - len(set(starts))
+    assert set(starts) == set(hashes) | {_hash(anchor)}, msg      # nothing evaluated that is not a trial
+    assert repeated <= kills, msg                               # at most the interrupted evaluation, per kill
+
+
 # --------------------------------------------------------------------------- the real fast path
 # A tiny residual "transformer-like" MLP with BERT-style paths (q, v, mlp-in, mlp-out per block),
 # K = 3 classification tasks, experts fine-tuned from a random base with Adam, each with its own

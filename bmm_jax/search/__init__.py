@@ -43,11 +43,11 @@ from bmm_jax.search.reports import (best_so_far, plot_convergence, plot_hparams_
 from bmm_jax.search.space import (BUILTIN_EXTRAS, DESIGNERS, OBJECTIVES, Extra, SearchConfig, SearchSpace,
                                   build_space, extras_of, fingerprint, group_hparams, module_hparams,
                                   problem_statement, seed_point)
-from bmm_jax.search.study import SQLiteStudy, TrialRecord
+from bmm_jax.search.study import RunDirInUse, SQLiteStudy, StudyError, TrialRecord
 
 __all__ = ["search", "SearchConfig", "SearchResult", "Extra", "SearchSpace", "TrialRecord", "build_space",
            "make_designer", "SafeDesigner", "SQLiteStudy", "BUILTIN_EXTRAS", "DESIGNERS", "OBJECTIVES",
-           "make_objective", "fixed_trial_padding", "HybridPrepared"]
+           "make_objective", "fixed_trial_padding", "HybridPrepared", "StudyError", "RunDirInUse"]
 
 
 class SearchResult(NamedTuple):
@@ -238,8 +238,11 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
 
     Raises:
       ValueError / TypeError: bad configuration (empty search space, unknown grouping, inverted
-        ranges, non-positive trials), missing pieces, a run directory holding another study.
-      RuntimeError: another live process uses ``run_dir``.
+        ranges, non-positive trials), missing pieces.
+      bmm_jax.search.study.StudyError (a ``ValueError``): ``run_dir`` holds another search's study,
+        a damaged ``vizier.db``, or the reports of an earlier search without its ``vizier.db``; the
+        message names the file and what to do. Nothing in ``run_dir`` is written before these checks.
+      bmm_jax.search.study.RunDirInUse (a ``RuntimeError``): another live process uses ``run_dir``.
       Exceptions of the objective propagate; the trial stays ``ACTIVE`` and is evaluated again
       when the search is rerun. A non-finite objective value marks the trial infeasible.
     """
@@ -257,15 +260,18 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
                               validation_examples=config.validation_examples)
     _setup_jax_cache(config.jax_cache_dir)
     problem = problem_statement(space)
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"run_dir {run_dir!r} exists and is not a directory")
     os.makedirs(run_dir, exist_ok=True)
-    table = write_groups(run_dir, space)
-    if verbose:
-        print(table, flush=True)
 
     def merged(point):
         return params_fn(module_hparams(space, group_hparams(space, point)), **extras_of(space, point))
 
+    # the study is opened (and checked: damaged, missing, another search) before anything is written
     with SQLiteStudy(run_dir, problem, study_id=config.study_id, fingerprint=fingerprint(space, config)) as study:
+        table = write_groups(run_dir, space)
+        if verbose:
+            print(table, flush=True)
         # Trial 0: the exact anchor, evaluated once per study.
         anchor_rec = None
         if config.anchor_trial and anchor is not None:

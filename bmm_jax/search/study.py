@@ -18,12 +18,19 @@ process killed inside it leaves a suggestion operation that never completes and 
 service, because Vizier's default one switches ``jax_enable_x64`` on globally at construction.
 A ``fcntl`` lock on ``<run_dir>/.search.lock`` stops two live processes from driving one study;
 the kernel releases it when a process dies, so a killed search can be resumed at once.
+
+A study is checked before anything is written: a damaged ``vizier.db`` (truncated, garbage) raises
+:class:`StudyError` naming the file, and a missing or empty ``vizier.db`` next to the reports of an
+earlier search (``trials.json``, ``best.json``) is refused rather than silently starting a new
+study over them.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import sqlite3
+import urllib.parse
 from typing import Any, Mapping, NamedTuple
 
 NAMESPACE = "bmm_jax"
@@ -31,6 +38,67 @@ METRIC = "objective"
 CLIENT_ID = "bmm_jax"
 OWNER = "bmm_jax"
 DB_NAME = "vizier.db"
+# reports of a finished search (bmm_jax.search.reports): their presence means the study held trials
+RESULT_FILES = ("trials.json", "trials.csv", "best.json")
+
+
+class StudyError(ValueError):
+    """A run directory whose study cannot be used: a damaged or missing ``vizier.db``, or a study
+    of another search. The message names the file and what to do."""
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process drives the study of this run directory."""
+
+
+def check_database(path: str) -> None:
+    """Raise :class:`StudyError` naming ``path`` unless it is an SQLite database that passes
+    ``PRAGMA quick_check`` (a hot journal left by a killed writer is rolled back, as any opener
+    would). The caller holds the run directory's lock."""
+    run_dir = os.path.dirname(path) or "."
+    advice = (f"its trials cannot be resumed: use a new run directory (or move {run_dir} aside), or "
+              "restore vizier.db from a copy")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise StudyError(f"search study {path} cannot be read ({e.strerror}); {advice}") from None
+    if head != b"SQLite format 3\x00":
+        raise StudyError(f"search study {path} is not an SQLite database (damaged or overwritten); {advice}")
+    try:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
+        con = sqlite3.connect(uri, uri=True, timeout=30)
+        try:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise StudyError(f"search study {path} is damaged ({e}); {advice}") from None
+    if rows != [("ok",)]:
+        raise StudyError(f"search study {path} is damaged ({'; '.join(str(r[0]) for r in rows[:3])}); {advice}")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Checks of a run directory before a study is opened in it (nothing is written).
+
+    Raises:
+      StudyError: ``vizier.db`` is damaged, or it is missing / empty while reports of an earlier
+        search (:data:`RESULT_FILES`) are there.
+    """
+    path = os.path.join(run_dir, DB_NAME)
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    if size:
+        check_database(path)
+        return
+    if os.path.lexists(path) and size is None:
+        raise StudyError(f"search study {path} is not a file; move it aside or use a new run directory")
+    results = [f for f in RESULT_FILES if os.path.exists(os.path.join(run_dir, f))]
+    if results:
+        state = "is empty" if size == 0 else "is missing"
+        raise StudyError(
+            f"search study {path} {state}, but {run_dir} holds the reports of an earlier search "
+            f"({', '.join(results)}): refusing to start a new study over them. Restore vizier.db, or move "
+            f"{', '.join(results)} aside (or use a new run directory) to start a new search")
 
 
 class TrialRecord(NamedTuple):
@@ -79,7 +147,9 @@ class SQLiteStudy:
         fingerprint raises ``ValueError`` (a run directory holds one search).
 
     Raises:
-      RuntimeError: another live process holds this run directory.
+      RunDirInUse: another live process holds this run directory (a ``RuntimeError``).
+      StudyError: a damaged ``vizier.db``, a missing one beside an earlier search's reports, or a
+        study of another search (a ``ValueError`` naming the file; see :func:`check_run_dir`).
     """
 
     def __init__(self, run_dir: str, problem, *, study_id: str = "bmm-search", fingerprint: str = ""):
@@ -90,27 +160,40 @@ class SQLiteStudy:
         os.makedirs(run_dir, exist_ok=True)
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, DB_NAME)
+        self._servicer = None
         self._lock = open(os.path.join(run_dir, ".search.lock"), "a+")
         try:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock.close()
-            raise RuntimeError(f"run directory {run_dir!r} is in use by another live search process") from None
-        self._servicer = vizier_service.VizierServicer(
-            database_url=f"sqlite:///{os.path.abspath(self.path)}", default_pythia_service=_NoPythia())
-        config = svz.StudyConfig.from_problem(problem)
-        request = vizier_service_pb2.CreateStudyRequest(
-            parent=resources.OwnerResource(OWNER).name,
-            study=study_pb2.Study(display_name=study_id, study_spec=config.to_proto()))
-        study = self._servicer.CreateStudy(request)  # creates, or loads the one with this name
-        self.resource_name = study.name
-        self._client = vizier_client.VizierClient(study.name, CLIENT_ID, self._servicer)
-        old = self.get_meta("fingerprint")
+            raise RunDirInUse(f"run directory {run_dir!r} is in use by another live search process") from None
+        try:
+            check_run_dir(run_dir)
+            self._servicer = vizier_service.VizierServicer(
+                database_url=f"sqlite:///{os.path.abspath(self.path)}", default_pythia_service=_NoPythia())
+            config = svz.StudyConfig.from_problem(problem)
+            request = vizier_service_pb2.CreateStudyRequest(
+                parent=resources.OwnerResource(OWNER).name,
+                study=study_pb2.Study(display_name=study_id, study_spec=config.to_proto()))
+            study = self._servicer.CreateStudy(request)  # creates, or loads the one with this name
+            self.resource_name = study.name
+            self._client = vizier_client.VizierClient(study.name, CLIENT_ID, self._servicer)
+            old = self.get_meta("fingerprint")
+        except StudyError:
+            self.close()
+            raise
+        except Exception as e:
+            self.close()
+            if _is_database_error(e):
+                raise StudyError(f"search study {self.path} cannot be opened ({_first_line(e)}); use a new "
+                                 f"run directory (or move {run_dir} aside), or restore vizier.db from a "
+                                 "copy") from None
+            raise
         if old is None:
             self.set_meta("fingerprint", fingerprint)
         elif old != fingerprint:
             self.close()
-            raise ValueError(
+            raise StudyError(
                 f"run directory {run_dir!r} already holds a study with a different search space or "
                 f"objective; use a new run directory (stored: {old[:300]}...; requested: "
                 f"{fingerprint[:300]}...)")
@@ -171,6 +254,9 @@ class SQLiteStudy:
         return self._client.complete_trial(int(trial_id), infeasibility_reason=str(reason))
 
     def close(self) -> None:
+        if self._servicer is None:
+            self._release()
+            return
         try:
             engine = getattr(getattr(self._servicer, "datastore", None), "_engine", None)
             conn = getattr(getattr(self._servicer, "datastore", None), "_connection", None)
@@ -181,15 +267,32 @@ class SQLiteStudy:
         except Exception:  # pragma: no cover - best effort
             pass
         finally:
-            if not self._lock.closed:
-                fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
-                self._lock.close()
+            self._release()
+
+    def _release(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _is_database_error(e: BaseException) -> bool:
+    if isinstance(e, sqlite3.Error):
+        return True
+    try:
+        import sqlalchemy.exc
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(e, sqlalchemy.exc.DatabaseError)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def to_record(t) -> TrialRecord:
