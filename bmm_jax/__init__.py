@@ -17,13 +17,17 @@ import importlib
 
 from bmm_jax import anchors, grams, labels
 from bmm_jax.labels import build_labels, format_label_table
-from bmm_jax.merging import MergeResult, Prepared, merge, prepare
+from bmm_jax.diagnostics import MergeDiagnostics, ModuleDiagnostics
+from bmm_jax.merging import MergeResult, merge
+from bmm_jax.prepared import Prepared, prepare
 from bmm_jax.solve import solve_anchored
+from bmm_jax.validation import validate
 from bmm_jax.task_vectors import add_task_vector, task_vectors
 
 __version__ = "0.1.0"
 
-_LAZY = ("search", "data", "models", "evaluate", "experts", "checkpoint", "experiments")
+_LAZY = ("search", "data", "models", "evaluate", "experts", "checkpoint", "experiment", "memory", "streaming",
+         "distributed")
 
 
 def __getattr__(name):           # heavy subpackages (Vizier, transformers, TFDS) load on first use
@@ -33,4 +37,4 @@ def __getattr__(name):           # heavy subpackages (Vizier, transformers, TFDS
 
 
 __all__ = ["task_vectors", "add_task_vector", "solve_anchored", "merge", "prepare", "MergeResult",
-           "Prepared", "anchors", "grams", "labels", "build_labels", "format_label_table", "search"]
+           "Prepared", "MergeDiagnostics", "ModuleDiagnostics", "validate", "anchors", "grams", "labels", "build_labels", "format_label_table", "search"]

@@ -201,10 +201,10 @@ def is_singular(s) -> bool:
     return bool(e.min() <= tol)
 
 
-@single_thread_lapack
 def solve_anchored(task_kernels, grams, anchor_kernel, *, rho, scale=1.0, weights=None,
                    prior: str = "isotropic"):
-    """Closed-form anchored regression of one module (method.md §2).
+    """Closed-form anchored regression of one module (method.md §2). Pure and traceable: ``rho``,
+    ``scale``, ``weights`` and the arrays may be traced (``jit``, ``vmap``, ``scan``, ``grad``).
 
     Args:
       task_kernels: ``[K, d_in, d_out]`` task vectors ``T_k = W_k - W_0`` of the module.
@@ -213,17 +213,21 @@ def solve_anchored(task_kernels, grams, anchor_kernel, *, rho, scale=1.0, weight
       rho: relative prior strength ``>= 0`` (``lambda = rho * tr(S) / d_in``).
       scale: assembly scale ``s``.
       weights: ``[K]`` non-negative task weights (default all 1).
-      prior: ``"isotropic"`` or ``"diagonal"``.
+      prior: ``"isotropic"`` or ``"diagonal"`` (static).
 
     Returns:
-      ``scale * Delta``, ``[d_in, d_out]`` float32, in task-vector space (``W = W_0 + result``).
+      ``scale * Delta``, ``[d_in, d_out]`` (float32, or float64 for float64 inputs), in task-vector
+      space (``W = W_0 + result``).
 
     Raises:
-      ValueError: bad shapes, ``rho < 0``, an unknown prior, non-finite input, or a singular
-      system (``rho = 0`` with a rank-deficient ``S``).
+      ValueError / TypeError: bad shapes or dtypes, an unknown prior (always); eagerly also
+      ``rho < 0``, non-finite input, or a singular system (``rho = 0`` with a rank-deficient ``S``,
+      or ``S = 0``). Under a transformation a singular system gives NaN/Inf.
     """
+    from bmm_jax.hparams import check_number
     check_prior(prior)
-    check_rho(rho)
+    check_number(rho, "rho")
+    check_number(scale, "scale")
     t = jnp.asarray(task_kernels)
     g = jnp.asarray(grams)
     ta = jnp.asarray(anchor_kernel)
@@ -237,23 +241,32 @@ def solve_anchored(task_kernels, grams, anchor_kernel, *, rho, scale=1.0, weight
     for name, x in (("task_kernels", t), ("grams", g), ("anchor_kernel", ta)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
-        if not bool(jnp.all(jnp.isfinite(x))):
-            raise ValueError(f"{name} has non-finite values")
     dtype = jnp.promote_types(jnp.float32, jnp.result_type(t.dtype, g.dtype, ta.dtype))
     if weights is None:
         w = jnp.ones((k,), dtype)
     else:
+        if isinstance(weights, (str, bytes)):
+            raise TypeError(f"weights must be {k} numbers, got a string")
         w = jnp.asarray(weights, dtype)
         if w.shape != (k,):
             raise ValueError(f"weights must have shape ({k},), got {w.shape}")
-        if bool(jnp.any(w < 0)) or not bool(jnp.all(jnp.isfinite(w))):
-            raise ValueError(f"weights must be finite and >= 0, got {np.asarray(w)}")
+    concrete = not any(isinstance(x, jax.core.Tracer) for x in (t, g, ta, w, rho, scale))
+    if concrete:
+        check_rho(rho)
+        ok = jax.device_get(jnp.stack([jnp.all(jnp.isfinite(t)), jnp.all(jnp.isfinite(g)), jnp.all(jnp.isfinite(ta)),
+                                       jnp.all(jnp.isfinite(w)) & jnp.all(w >= 0)]))
+        for name, good in zip(("task_kernels", "grams", "anchor_kernel"), ok[:3]):
+            if not good:
+                raise ValueError(f"{name} has non-finite values")
+        if not ok[3]:
+            raise ValueError("weights must be finite and >= 0")
     s, b = normal_equations(t.astype(dtype), g.astype(dtype), w)
-    if float(rho) == 0.0 and is_singular(s):
-        raise ValueError("singular system: rho = 0 and the weighted Gram S is rank-deficient "
-                         f"(d_in = {d_in}); use rho > 0 (the anchor prior regularises it)")
-    if float(jnp.trace(s)) == 0.0:
-        raise ValueError("singular system: every Gram is zero, so S = 0 and lambda = rho tr(S)/d_in = 0")
+    if concrete:
+        if float(jax.device_get(jnp.trace(s))) == 0.0:
+            raise ValueError("singular system: every Gram is zero, so S = 0 and lambda = rho tr(S)/d_in = 0")
+        if float(rho) == 0.0 and is_singular(jax.device_get(s)):
+            raise ValueError("singular system: rho = 0 and the weighted Gram S is rank-deficient "
+                             f"(d_in = {d_in}); use rho > 0 (the anchor prior regularises it)")
     fn = _solve_diagonal if prior == "diagonal" else _solve_isotropic
     return fn(s, b, ta.astype(dtype), jnp.asarray(rho, dtype), jnp.asarray(scale, dtype))
 

@@ -45,16 +45,6 @@ def normalized_weights(task_kernels, weights):
     return jnp.where(sq > 0, weights.astype(jnp.float32) / jnp.where(sq > 0, sq, 1.0), 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _module_factors(view: tuple, base_leaf, expert_leaves) -> jax.Array:
-    """``F_k = T_k / ||T_k||_F`` of one module from its leaves, in one jitted call (the task
-    kernels are an intermediate of the fusion, not a second ``[K, d_in, d_out]`` buffer).
-    ``view = (layout, d_in, d_out)`` (static: one compilation per module shape, not per module)."""
-    layout, d_in, d_out = view
-    label = Label(path="", regressed=True, layout=layout, d_in=d_in, d_out=d_out)
-    return normalized_factors(module_task_kernels(label, base_leaf, expert_leaves))
-
-
 def module_task_kernels(label: Label, base_leaf, expert_leaves) -> jax.Array:
     """``[K, d_in, d_out]`` task kernels of one module, float32, in the 2-D view."""
     b = jnp.asarray(base_leaf, jnp.float32)
@@ -79,14 +69,13 @@ def data_free(base: PyTree, experts: Sequence[PyTree], labels: PyTree | None = N
     lab = check_labels(labels, base)
     base_leaves = leaves_with_paths(base)
     expert_leaves = [[leaf for _, leaf in leaves_with_paths(e)] for e in experts]
-    factors, key_of, sources = {}, {}, {}
+    key_of, sources, views = {}, {}, {}
     for i, (l, (path, b)) in enumerate(zip(lab, base_leaves)):
         if not l.regressed:
             continue
-        es = [el[i] for el in expert_leaves]
-        factors[path] = (lambda l=l, b=b, es=es: _module_factors((l.layout, l.d_in, l.d_out), b, list(es)))
         key_of[path] = path
-        sources[path] = (b, tuple(es))
+        sources[path] = (b, tuple(el[i] for el in expert_leaves))
+        views[path] = (l.layout, l.d_in, l.d_out)
     if not key_of:
         raise ValueError("the label tree selects no regressed module: nothing to estimate")
-    return Grams({}, key_of, factors=factors, kind="data_free", sources=sources)
+    return Grams({}, key_of, kind="data_free", sources=sources, views=views)

@@ -29,7 +29,9 @@ def mix(data, free, beta):
 
 def hybrid(data_grams: Grams, data_free_grams: Grams, beta: float = 0.5) -> Grams:
     """Hybrid Grams for every module present in both inputs (keyed by module path)."""
-    if not 0.0 <= float(beta) <= 1.0:
+    from bmm_jax.hparams import check_number
+    check_number(beta, "beta")
+    if not isinstance(beta, jax.Array) and not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     missing = [p for p in data_free_grams if p not in data_grams]
     if missing:
@@ -39,6 +41,6 @@ def hybrid(data_grams: Grams, data_free_grams: Grams, beta: float = 0.5) -> Gram
         d, f = data_grams[path], data_free_grams[path]
         if d.shape != f.shape:
             raise ValueError(f"module '{path}': data Gram shape {d.shape} != data-free shape {f.shape}")
-        dense[path] = mix(jnp.asarray(d, jnp.float32), jnp.asarray(f, jnp.float32), jnp.float32(beta))
+        dense[path] = mix(jnp.asarray(d, jnp.float32), jnp.asarray(f, jnp.float32), jnp.asarray(beta, jnp.float32))
         key_of[path] = path
     return Grams(dense, key_of, kind="hybrid")
