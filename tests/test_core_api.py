@@ -315,7 +315,7 @@ def test_resolve_hparams_groups_and_errors():
         resolve_hparams({"q": {"rho": 1.0}}, labels)
     with pytest.raises(TypeError, match=r"hparams\['q'\] must be a dict"):
         resolve_hparams({"q": 0.3, "global": {"rho": 1.0}}, labels)
-    with pytest.raises(TypeError, match="rho and scale must be numbers"):
+    with pytest.raises(TypeError, match=r"hparams\[.rho.\] must be a number"):
         resolve_hparams({"rho": "big"}, labels)
     with pytest.raises(ValueError, match=r"rho must be >= 0 \(hparams\['k'\]\)"):
         resolve_hparams({"k": {"rho": -2.0}, "global": {"rho": 1.0}}, labels)

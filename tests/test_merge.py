@@ -398,7 +398,7 @@ def test_merge_jit_and_no_jit_paths_agree():
     with jax.disable_jit():
         _assert_params(_run(base, experts, anchor, grams, hp, labels=labels).params, ref)
         prep = bmm_jax.prepare(_to_tree(base), [_to_tree(e) for e in experts], _to_tree(anchor),
-                               _jnp_grams(grams), labels)
+                               _jnp_grams(grams), labels=labels)
         _assert_params(prep.params(hp), ref)
 
 
@@ -578,16 +578,16 @@ _CHILD = textwrap.dedent("""
     hp = json.loads(str(data["hparams"]))
     labels = bmm_jax.build_labels(base, include=[str(p) for p in data["include"]])
     out = {}
-    res = bmm_jax.merge(base, experts, anchor, None, hp, labels)
+    res = bmm_jax.merge(base, experts, anchor, None, hp, labels=labels)
     assert res.diagnostics["devices"] == 8
     out.update({"free:" + k: v for k, v in flat(res.params).items()})
-    prep = bmm_jax.prepare(base, experts, anchor, grams, labels)
+    prep = bmm_jax.prepare(base, experts, anchor, grams, labels=labels)
     out.update({"fast:" + k: v for k, v in flat(prep.params(hp)).items()})
     # the stacks really live on 8 devices, one slice of the module axis each
     info = []
-    for stack in prep._stacks:
+    for stack, paths in zip(prep._stacks, prep._stack_paths):
         q = stack.factors.q
-        info.append([len(stack.paths), q.shape[0], len(q.sharding.device_set),
+        info.append([len(paths), q.shape[0], len(q.sharding.device_set),
                      len({s.device for s in q.addressable_shards}), q.addressable_shards[0].data.shape[0]])
     x = shard_stack([jnp.ones((3, 2), jnp.float32)] * 3, module_mesh())
     info.append([3, x.shape[0], len(x.sharding.device_set), len({s.device for s in x.addressable_shards}),
@@ -625,10 +625,10 @@ def test_eight_devices_match_one_device(tmp_path):
     one = jax.devices()[:1]
     args = (_to_tree(base), [_to_tree(e) for e in experts], _to_tree(anchor))
     labels = build_labels(args[0], include=include)
-    res = bmm_jax.merge(*args, None, hp, labels, devices=one)
+    res = bmm_jax.merge(*args, None, hp, labels=labels, devices=one)
     assert res.diagnostics["devices"] == 1
     single = {"free": _flat(res.params),
-              "fast": _flat(bmm_jax.prepare(*args, _jnp_grams(grams), labels, devices=one).params(hp))}
+              "fast": _flat(bmm_jax.prepare(*args, _jnp_grams(grams), labels=labels, devices=one).params(hp))}
     np_ref = {"free": _np_merge(base, experts, anchor, expected, modules=mods),
               "fast": _np_merge(base, experts, anchor, expected, grams, modules=mods)}
     for kind in ("free", "fast"):
