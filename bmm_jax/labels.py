@@ -49,6 +49,8 @@ _KIND_PATTERNS = (
 )
 # Cross-attention: q reads the decoder stream, k and v read the encoder output (two input groups).
 _CROSS_ATTENTION = re.compile(r"(crossattention|cross_attention|cross_attn|EncDecAttention|encoder_attn)", re.I)
+# Gated MLPs (Llama, Mistral, Qwen2, Gemma): gate and up projections read the same input (one group).
+_GATED_MLP_IN = re.compile(r"(^|/)(gate_proj|up_proj)/kernel$")
 _BLOCK_PATTERN = re.compile(r"(?:^|/)_?(?:layer|layers|h|blocks|block|transformer_blocks)[/_](\d+)(?:/|$)")
 
 
@@ -189,6 +191,8 @@ def build_labels(params: PyTree, *, include: Sequence[str] | None = None,
             input_group = p if kind == "q" else f"{parent}:kv-input"
         else:
             input_group = f"{parent}:qkv-input" if kind in ("q", "k", "v") else p
+        if kind == "mlp-in" and _GATED_MLP_IN.search(p):
+            input_group = f"{parent}:mlp-input"
         return Label(path=p, regressed=True, kind=kind, block=_block_of(p), input_group=input_group,
                      layout=layout, d_in=int(d_in), d_out=int(d_out))
 

@@ -1,10 +1,23 @@
-"""Adapters for Hugging Face Flax encoders (transformers 4.57, the last release with Flax models).
+"""Adapters for Hugging Face Flax models (transformers 4.57, the last release with Flax models).
 
-Families: ``bert`` (FlaxBertModel), ``roberta`` (FlaxRobertaModel), ``clip_vision``
-(FlaxCLIPVisionModel), ``vit`` (FlaxViTModel), ``gpt2`` (FlaxGPT2Model). A model comes either from
-a local folder (``path``: ``model.safetensors`` / ``pytorch_model.bin`` converted with
-``from_pt=True``, or ``flax_model.msgpack``), never from the network, or from a config (random
-init, for tiny test models).
+Encoder families: ``bert`` (FlaxBertModel), ``roberta`` (FlaxRobertaModel), ``clip_vision``
+(FlaxCLIPVisionModel), ``vit`` (FlaxViTModel), ``gpt2`` (FlaxGPT2Model). Causal-LM families
+(:data:`CAUSAL_FAMILIES`): ``llama`` (FlaxLlamaForCausalLM), ``mistral`` (FlaxMistralForCausalLM),
+``gemma`` (FlaxGemmaForCausalLM), ``gpt2_lm`` (FlaxGPT2LMHeadModel); their params include the LM
+head, so a merged tree loads back into the causal LM. transformers 4.57 has no Flax Qwen2: Qwen2
+checkpoints are merged through the PyTorch-named label tree of :mod:`bmm_jax.models.llm`.
+A model comes either from a local folder (``path``: ``model.safetensors`` / ``pytorch_model.bin``
+converted with ``from_pt=True``, or ``flax_model.msgpack``), never from the network, or from a
+config (random init, for tiny test models).
+
+Causal LMs: the adapter runs the decoder body only (``model`` / ``transformer`` submodule, not
+the ``[.., vocab]`` LM head), so features and activation capture cost no vocabulary matmul;
+position ids are ``cumsum(attention_mask) - 1`` (left or right padding); padding tokens are
+masked out of activation Grams. FlaxLlama / FlaxMistral always hold an ``lm_head``: for a config
+with ``tie_word_embeddings`` it is set to the embedding's transpose on load
+(:func:`bmm_jax.models.llm.tie_word_embeddings`; apply it again after a merge). FlaxMistral builds
+a diagonal-only attention mask when ``sliding_window`` is ``None`` (a transformers bug): the
+loader sets it to ``max_position_embeddings`` (no window), the documented meaning of ``None``.
 
 Features (``pooling``): ``"mean"`` masked mean of the last hidden state (default for BERT /
 RoBERTa), ``"cls"`` first token of the last hidden state (default for ViT), ``"pooler"`` the
@@ -13,6 +26,7 @@ real token (default for GPT-2).
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -27,9 +41,13 @@ from bmm_jax.models.adapter import ModelAdapter, masked_mean, to_image_array
 
 TEXT_FAMILIES = ("bert", "roberta", "gpt2")
 VISION_FAMILIES = ("clip_vision", "vit")
-FAMILIES = TEXT_FAMILIES + VISION_FAMILIES
+CAUSAL_FAMILIES = ("llama", "mistral", "gemma", "gpt2_lm")
+FAMILIES = TEXT_FAMILIES + VISION_FAMILIES + CAUSAL_FAMILIES
 _POOLINGS = ("mean", "cls", "pooler", "last")
-_DEFAULT_POOLING = {"bert": "mean", "roberta": "mean", "gpt2": "last", "clip_vision": "pooler", "vit": "cls"}
+_DEFAULT_POOLING = {"bert": "mean", "roberta": "mean", "gpt2": "last", "clip_vision": "pooler", "vit": "cls",
+                    "llama": "last", "mistral": "last", "gemma": "last", "gpt2_lm": "last"}
+# the decoder body of each causal LM (its hidden states; the LM head is not run)
+_BODY = {"llama": "model", "mistral": "model", "gemma": "model", "gpt2_lm": "transformer"}
 # (mean, std) on the 0..1 scale, the families' usual image processors.
 _IMAGE_NORM = {"clip_vision": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
                "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
@@ -43,7 +61,34 @@ def _classes(family: str):
         "gpt2": (T.FlaxGPT2Model, T.GPT2Config),
         "clip_vision": (T.FlaxCLIPVisionModel, T.CLIPVisionConfig),
         "vit": (T.FlaxViTModel, T.ViTConfig),
+        "llama": (T.FlaxLlamaForCausalLM, T.LlamaConfig),
+        "mistral": (T.FlaxMistralForCausalLM, T.MistralConfig),
+        "gemma": (T.FlaxGemmaForCausalLM, T.GemmaConfig),
+        "gpt2_lm": (T.FlaxGPT2LMHeadModel, T.GPT2Config),
     }[family]
+
+
+def _unknown_family(family: str) -> ValueError:
+    if family == "qwen2":
+        return ValueError("transformers 4.57 has no Flax Qwen2 model: merge Qwen2 checkpoints through "
+                          "their PyTorch-named tensors (bmm_jax.models.llm.torch_labels / "
+                          "labels_from_safetensors)")
+    return ValueError(f"unknown HF family {family!r}; expected one of {FAMILIES}")
+
+
+def _fix_config(family: str, config):
+    """Work around FlaxMistral's ``sliding_window=None`` mask (see the module docstring)."""
+    if family == "mistral" and getattr(config, "sliding_window", 0) is None:
+        config = copy.deepcopy(config)
+        config.sliding_window = int(config.max_position_embeddings)
+    return config
+
+
+def _tie(family: str, config, params):
+    if family in ("llama", "mistral") and getattr(config, "tie_word_embeddings", False):
+        from bmm_jax.models.llm import tie_word_embeddings
+        return tie_word_embeddings(params)
+    return params
 
 
 def load_hf_model(family: str, *, path: str | None = None, config: Any = None, seed: int = 0,
@@ -63,7 +108,7 @@ def load_hf_model(family: str, *, path: str | None = None, config: Any = None, s
       ``.module`` is the linen module; call it with ``params=``) and its params (nested dicts).
     """
     if family not in FAMILIES:
-        raise ValueError(f"unknown HF family {family!r}; expected one of {FAMILIES}")
+        raise _unknown_family(family)
     if (path is None) == (config is None):
         raise ValueError("give exactly one of path= (local folder) or config= (random init)")
     model_cls, config_cls = _classes(family)
@@ -78,6 +123,8 @@ def load_hf_model(family: str, *, path: str | None = None, config: Any = None, s
         from_pt = "flax_model.msgpack" not in files
         if from_pt and not ({"model.safetensors", "pytorch_model.bin"} & files):
             raise FileNotFoundError(f"{path} holds no flax_model.msgpack, model.safetensors or pytorch_model.bin")
+        if family == "mistral":
+            kwargs["config"] = _fix_config(family, config_cls.from_pretrained(path, local_files_only=True))
         with jax.numpy_dtype_promotion("standard"):   # HF Flax code assumes standard promotion
             if from_pt:
                 # transformers' PyTorch->Flax conversion reads the randomly initialised params to
@@ -97,16 +144,17 @@ def load_hf_model(family: str, *, path: str | None = None, config: Any = None, s
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32)
                                         if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else jnp.asarray(x),
                                         _plain(params))
-        return model, params
+        return model, _tie(family, model.config, params)
     if isinstance(config, dict):
         config = config_cls(**config)
     if not isinstance(config, config_cls):
         raise TypeError(f"config for family {family!r} must be a {config_cls.__name__} or a dict, got "
                         f"{type(config).__name__}")
+    config = _fix_config(family, config)
     with jax.numpy_dtype_promotion("standard"):
         model = model_cls(config, seed=seed, _do_init=False, **kwargs)
         params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(seed), model.input_shape)
-    return model, _plain(params)
+    return model, _tie(family, config, _plain(params))
 
 
 def _plain(tree):
@@ -155,14 +203,16 @@ def hf_adapter(family: str, *, path: str | None = None, config: Any = None, seed
                tokenizer: Any = None, pooling: str | None = None, max_length: int = 64,
                image_mean=None, image_std=None, name: str | None = None,
                label_kwargs: dict | None = None, model: Any = None, params: Any = None) -> ModelAdapter:
-    """A :class:`ModelAdapter` around a HF Flax encoder.
+    """A :class:`ModelAdapter` around a HF Flax encoder or causal LM.
 
     Args:
-      family: ``bert | roberta | gpt2 | clip_vision | vit``.
+      family: ``bert | roberta | gpt2 | clip_vision | vit`` or a causal LM ``llama | mistral |
+        gemma | gpt2_lm`` (features: the final hidden state of the decoder body, pooled).
       path / config / seed: see :func:`load_hf_model` (or pass an already built ``model``).
       tokenizer: text families: a HF tokenizer; default: loaded from ``path`` if it has tokenizer
         files. Without one, the adapter preprocesses integer token ids ``[N, T]`` only.
-      pooling: ``mean | cls | pooler | last`` (default per family, see the module docstring).
+      pooling: ``mean | cls | pooler | last`` (default per family, see the module docstring; causal
+        LMs: ``last`` (default) or ``mean``).
       max_length: text: tokens per sequence (padding / truncation).
       image_mean, image_std: vision: per-channel normalisation on the 0..1 scale.
       name: adapter name (default: the family).
@@ -173,12 +223,12 @@ def hf_adapter(family: str, *, path: str | None = None, config: Any = None, seed
       The adapter; ``feature_dim`` is the hidden size.
     """
     if family not in FAMILIES:
-        raise ValueError(f"unknown HF family {family!r}; expected one of {FAMILIES}")
+        raise _unknown_family(family)
     pooling = pooling or _DEFAULT_POOLING[family]
     if pooling not in _POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; expected one of {_POOLINGS}")
-    if pooling == "pooler" and family == "gpt2":
-        raise ValueError("GPT-2 has no pooler; use pooling='last' or 'mean'")
+    if pooling in ("pooler", "cls") and family in CAUSAL_FAMILIES + ("gpt2",):
+        raise ValueError(f"{family} is a causal model with no {pooling} output; use pooling='last' or 'mean'")
     if pooling == "last" and family in VISION_FAMILIES:
         raise ValueError("pooling='last' is for causal text models")
     if model is None:
@@ -206,6 +256,10 @@ def hf_adapter(family: str, *, path: str | None = None, config: Any = None, seed
             return masked_mean(hidden, mask)
         last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
         return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+    if family in CAUSAL_FAMILIES:
+        return _causal_adapter(family, model, params, labels, info, pool, tokenizer=tokenizer, path=path,
+                               max_length=max_length, name=name)
 
     if family in TEXT_FAMILIES:
         if tokenizer is None and path is not None:
@@ -256,6 +310,59 @@ def hf_adapter(family: str, *, path: str | None = None, config: Any = None, seed
         dtype_promotion="standard")
 
 
+def _run_body(module, *args, body: str, **kwargs):
+    """``module.<body>(*args, **kwargs)``: the decoder of a causal LM without its head (a
+    ``method=`` for ``module.apply``; submodule scope paths stay those of the full model)."""
+    return getattr(module, body)(*args, **kwargs)
+
+
+_BODY_METHODS = {b: (lambda module, *a, _b=b, **kw: _run_body(module, *a, body=_b, **kw)) for b in set(_BODY.values())}
+
+
+def causal_call_args(family: str):
+    """``batch -> (args, kwargs)`` running the decoder body of a causal-LM family's linen module:
+    ``input_ids``, ``attention_mask`` ``[B, T]`` and position ids ``max(cumsum(mask) - 1, 0)``."""
+    if family not in CAUSAL_FAMILIES:
+        raise ValueError(f"{family!r} is not a causal-LM family {CAUSAL_FAMILIES}")
+    method = _BODY_METHODS[_BODY[family]]
+
+    def call_args(batch):
+        ids = jnp.asarray(batch["input_ids"]).astype(jnp.int32)
+        mask = jnp.asarray(batch["attention_mask"]).astype(jnp.int32)
+        pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        return (ids, mask, pos), {"deterministic": True, "method": method}
+    return call_args
+
+
+def _causal_adapter(family, model, params, labels, info, pool, *, tokenizer, path, max_length, name):
+    cfg = model.config
+    if tokenizer is None and path is not None:
+        tokenizer = _try_tokenizer(path)
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        pad_id = int(tokenizer.pad_token_id)
+    else:
+        pad_id = getattr(cfg, "pad_token_id", None)
+        pad_id = int(pad_id if pad_id is not None else (cfg.eos_token_id if isinstance(cfg.eos_token_id, int)
+                                                        else 0))
+    info = {**info, "pad_token_id": pad_id, "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False))}
+    if info["pooling"] == "last":
+        def pool(out, batch):                     # the last real token, left or right padding
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            mask = jnp.asarray(batch["attention_mask"]) > 0
+            last = jnp.max(jnp.where(mask, jnp.arange(mask.shape[1])[None, :], 0), axis=1)
+            return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    tok_name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+    return ModelAdapter(
+        name=name or family, module=model.module, params=params, feature_dim=int(cfg.hidden_size),
+        call_args=causal_call_args(family), pool=pool,
+        preprocess_fn=_text_preprocess(tokenizer, max_length, pad_id), labels=labels,
+        token_mask_fn=lambda b: jnp.asarray(b["attention_mask"]) > 0,
+        preprocess_key=f"{family}:{info['source']}:{tok_name}:len{max_length}",
+        length_buckets=_default_buckets(max_length), info=info, dtype_promotion="standard")
+
+
 def _try_tokenizer(path: str):
     files = set(os.listdir(path))
     if not ({"tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json"} & files):
@@ -264,4 +371,4 @@ def _try_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-__all__ = ["hf_adapter", "load_hf_model", "FAMILIES"]
+__all__ = ["hf_adapter", "load_hf_model", "causal_call_args", "FAMILIES", "CAUSAL_FAMILIES"]
