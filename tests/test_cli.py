@@ -233,3 +233,183 @@ def test_experiment_cli_errors(argv, rc, phrase, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert got == rc and len(err) == 1 and err[0].startswith("bmm-experiment: error: ") and phrase in err[0], err
     assert not os.path.exists(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- bmm-merge never destroys inputs
+def _snapshot(root) -> dict:
+    """{relative path: bytes} of every file under ``root`` (an independent record of what is there)."""
+    out = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+@pytest.fixture
+def user_models(models, tmp_path):
+    """``<tmp>/models/{base,e0,e1}``: HF folders of the user's, as a user would keep them."""
+    import shutil
+    root = tmp_path / "models"
+    for src, dst in (("base_hf", "base"), ("hf0", "e0"), ("hf1", "e1")):
+        shutil.copytree(models["dir"] / src, root / dst)
+    return root
+
+
+def _no_loading(monkeypatch):
+    """Any load of a model fails loudly: the checks under test must come first."""
+    def load(*a, **k):
+        raise AssertionError("a model was loaded before the outputs were checked")
+    monkeypatch.setattr(cli_merge, "load_model", load)
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("out_contains", "--out {m} contains the input {m}/base (--base)"),
+    ("out_is", "--out {m}/e1 is the input {m}/e1 (--experts (1))"),
+    ("out_inside", "--out {m}/e0/merged lies inside the input {m}/e0 (--experts (0))"),
+    ("report_inside", "--report {m}/e0/config.json lies inside the input {m}/e0"),
+    ("report_is_input", "--report {m}/cal.npy is the input {m}/cal.npy (--calibration (0))"),
+    ("run_dir_inside", "--run-dir {m}/base/search lies inside the input {m}/base (--base)"),
+    ("report_in_out", "--report {t}/merged/rep.json lies inside --out {t}/merged"),
+    ("run_dir_in_out", "--run-dir {t}/merged/search lies inside --out {t}/merged"),
+])
+def test_merge_refuses_outputs_overlapping_inputs(user_models, tmp_path, capsys, monkeypatch, case, phrase):
+    m, t = str(user_models), str(tmp_path)
+    np.save(user_models / "cal.npy", np.ones((2, 3), np.int32))
+    argv = ["--base", f"{m}/base", "--experts", f"{m}/e0", f"{m}/e1", "--quiet"]
+    out = {"out_contains": m, "out_is": f"{m}/e1", "out_inside": f"{m}/e0/merged"}.get(case, f"{t}/merged")
+    argv += ["--out", out]
+    if case == "report_inside":
+        argv += ["--report", f"{m}/e0/config.json"]
+    elif case == "report_is_input":
+        argv += ["--grams", "activations", "--calibration", f"{m}/cal.npy", f"{m}/cal.npy",
+                 "--report", f"{m}/cal.npy"]
+    elif case == "run_dir_inside":
+        argv += ["--search", "--validation", "a", "b", "--run-dir", f"{m}/base/search"]
+    elif case == "report_in_out":
+        argv += ["--report", f"{t}/merged/rep.json"]
+    elif case == "run_dir_in_out":
+        argv += ["--search", "--validation", "a", "b", "--run-dir", f"{t}/merged/search"]
+    before = _snapshot(user_models)
+    _no_loading(monkeypatch)
+    rc, so, se = _run(argv, capsys)
+    lines = se.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("bmm-merge: error: "), se
+    assert phrase.format(m=m, t=t) in lines[0], lines[0]
+    assert _snapshot(user_models) == before                    # nothing deleted, nothing written
+    assert sorted(os.listdir(tmp_path)) == ["models"]
+
+
+def test_merge_out_of_user_files_needs_overwrite(models, user_models, tmp_path, capsys, monkeypatch):
+    from bmm_jax import checkpoint
+    m = str(user_models)
+    common = ["--base", f"{m}/base", "--experts", f"{m}/e0", f"{m}/e1", "--quiet"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep")
+    with monkeypatch.context() as mp:
+        _no_loading(mp)
+        for out, phrase in ((mine, f"refusing to replace --out {mine}: it is a folder that is not a bmm_jax "
+                                   "checkpoint (holds thesis.tex); choose another path, or pass --overwrite"),
+                            (afile, f"refusing to replace --out {afile}: it is a regular file")):
+            rc, so, se = _run(common + ["--out", out], capsys)
+            assert rc == 1 and len(se.strip().splitlines()) == 1 and phrase in se, se
+        rc, so, se = _run(common + ["--out", tmp_path / "new", "--report", afile], capsys)
+        assert rc == 1 and f"refusing to replace --report {afile}: it is not a bmm-merge report" in se, se
+    assert (mine / "thesis.tex").read_text() == "years of work" and afile.read_text() == "keep"
+    assert sorted(os.listdir(tmp_path)) == ["mine", "models", "notes.txt"]
+    # a previous output is replaced without --overwrite (checkpoint and report); --overwrite replaces the rest
+    out = tmp_path / "merged"
+    for rho in ("0.5", "2.0"):
+        rc, so, se = _run(common + ["--out", out, "--rho", rho], capsys)
+        assert rc == 0, se
+        assert json.load(open(str(out) + ".json"))["hparams"]["rho"] == float(rho)
+    assert checkpoint.load_metadata(out)["hparams"]["rho"] == 2.0
+    rc, so, se = _run(common + ["--out", mine, "--overwrite"], capsys)
+    assert rc == 0, se
+    assert checkpoint.is_checkpoint_dir(mine) and not os.path.exists(mine / "thesis.tex")
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []       # no temp or backup left
+
+
+def test_merge_unwritable_out_fails_before_loading(user_models, tmp_path, capsys, monkeypatch):
+    m = str(user_models)
+    common = ["--base", f"{m}/base", "--experts", f"{m}/e0", f"{m}/e1", "--quiet"]
+    _no_loading(monkeypatch)
+    if os.geteuid() == 0:                                       # root writes anywhere but in /sys
+        ro = "/sys/bmm-merge-test/merged"
+    else:
+        d = tmp_path / "ro"
+        d.mkdir()
+        os.chmod(d, 0o555)
+        ro = str(d / "merged")
+    rc, so, se = _run(common + ["--out", ro], capsys)
+    assert rc == 1 and len(se.strip().splitlines()) == 1 and f"--out {ro}: cannot write in " in se, se
+    f = tmp_path / "file"
+    f.write_text("x")
+    rc, so, se = _run(common + ["--out", f / "merged"], capsys)
+    assert rc == 1 and f"is not a folder" in se, se
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing_db"])
+def test_merge_search_damaged_study_one_line(user_models, tmp_path, capsys, monkeypatch, damage):
+    m = str(user_models)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trials.json").write_text("[]\n")
+    if damage == "garbage":
+        (run / "vizier.db").write_bytes(b"not a database" * 100)
+    before = _snapshot(run)
+    _no_loading(monkeypatch)
+    rc, so, se = _run(["--base", f"{m}/base", "--experts", f"{m}/e0", f"{m}/e1", "--search", "--validation", "a",
+                       "b", "--run-dir", run, "--out", tmp_path / "merged", "--quiet"], capsys)
+    lines = se.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("bmm-merge: error: search study "), se
+    assert f"{run}/vizier.db" in lines[0] and "new run directory" in lines[0]
+    assert _snapshot(run) == before
+
+
+# ----------------------------------------------------------------------------- kill -9 drill
+def test_merge_kill9_keeps_old_or_new_output(models, tmp_path, capsys):
+    """``kill -9`` of ``bmm-merge`` at random points while it replaces a previous output: ``--out``
+    always holds the previous or the new merge, complete (checksum-verified); the rerun succeeds and
+    leaves no temporary or backup folder."""
+    import random
+    import signal
+    import time
+    from bmm_jax import checkpoint
+    d = models["dir"]
+    common = ["--base", d / "base_hf", "--experts", d / "hf0", d / "hf1", "--quiet"]
+    out = tmp_path / "merged"
+    rc, _, se = _run(common + ["--out", out, "--rho", "0.5"], capsys)
+    assert rc == 0, se
+    old = checkpoint.checksum_of(out)
+    rc, _, se = _run(common + ["--out", tmp_path / "ref", "--rho", "2.0"], capsys)
+    assert rc == 0, se
+    new = checkpoint.checksum_of(tmp_path / "ref")
+    assert new != old
+    argv = [sys.executable, "-m", "bmm_jax.cli.merge"] + [str(a) for a in common] + ["--out", str(out), "--rho", "2.0"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    t0 = time.perf_counter()
+    r = subprocess.run(argv[:-4] + ["--out", str(tmp_path / "timed"), "--rho", "2.0"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    full = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    for drill in range(2):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(rng.uniform(0.5, 1.0) * full)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        got = checkpoint.checksum_of(out)
+        assert got in (old, new), f"seed {seed}"
+        assert checkpoint.tree_checksum(checkpoint.load(out)) == got, f"seed {seed}"    # complete, verified
+        assert json.load(open(str(out) + ".json"))["checksum"] in (old, new)
+    rc, _, se = _run(common + ["--out", out, "--rho", "2.0"], capsys)
+    assert rc == 0, se
+    assert checkpoint.checksum_of(out) == new
+    left = [f for f in os.listdir(tmp_path) if f.startswith(".merged.") and not f.startswith(".merged.json.")]
+    assert left == [], f"seed {seed}: {left}"

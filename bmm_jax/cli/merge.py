@@ -23,6 +23,10 @@ Inputs (``--base`` / ``--experts`` / ``--model``):
 
 Outputs: the merged params tree as an orbax checkpoint at ``--out`` (written atomically:
 :func:`bmm_jax.checkpoint.save`) and a JSON report (``--report``, default ``<out>.json``).
+Outputs are checked before anything is loaded: ``--out`` must be new, empty or a previous bmm_jax
+checkpoint (``--overwrite`` replaces any other folder), the report a new file or a previous report,
+and no output (``--out``, ``--report``, ``--run-dir``) may be, contain or lie inside an input; their
+folders must be writable.
 """
 from __future__ import annotations
 
@@ -69,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="architecture to run for activation Grams / validation when --base is an orbax "
                          "checkpoint: a HF folder (config.json) or a built-in name (default: --base itself)")
     io.add_argument("--max-length", type=int, default=64, help="text models: tokens per sequence")
-    io.add_argument("--out", required=True, help="output folder of the merged orbax checkpoint (replaced atomically)")
+    io.add_argument("--out", required=True, help="output folder of the merged orbax checkpoint (replaced atomically "
+                                                 "if it holds a previous checkpoint; refused if it holds anything else)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="replace --out / --report even if they hold other files (never an input)")
     io.add_argument("--report", default=None, help="JSON report path (default: <out>.json)")
 
     m = p.add_argument_group("merge")
@@ -394,10 +401,89 @@ def validate_args(args) -> None:
         from bmm_jax.search import DESIGNERS
         if args.designer not in DESIGNERS:
             raise ValueError(f"unknown designer {args.designer!r}; expected one of {', '.join(DESIGNERS)}")
-    out = os.path.abspath(args.out)
-    for src in [args.base, *args.experts]:
-        if os.path.exists(src) and os.path.abspath(src) == out:
-            raise ValueError(f"--out {args.out} is one of the inputs; choose another folder")
+    check_outputs(args)
+
+
+# ============================================================================ outputs
+def _real(p: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(str(p))))
+
+
+def _relation(out: str, src: str) -> str | None:
+    """How the (real) path ``out`` overlaps ``src``: "is", "contains", "lies inside" or None."""
+    if out == src:
+        return "is"
+    if src.startswith(out.rstrip(os.sep) + os.sep):
+        return "contains"
+    if out.startswith(src.rstrip(os.sep) + os.sep):
+        return "lies inside"
+    return None
+
+
+def _probe_writable(path: str, role: str) -> None:
+    """Create and remove a folder in ``path``'s nearest existing ancestor (nothing else is created)."""
+    import tempfile
+    anc = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(anc):
+        anc = os.path.dirname(anc)
+    if not os.path.isdir(anc):
+        raise ValueError(f"{role} {path}: {anc} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bmm-merge-probe-", dir=anc))
+    except OSError as e:
+        raise ValueError(f"{role} {path}: cannot write in {anc} ({e.strerror or e})") from None
+
+
+def _is_report(path: str) -> bool:
+    try:
+        with open(path) as f:
+            rep = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(rep, dict) and {"out", "checksum", "argv"} <= set(rep)
+
+
+def check_outputs(args) -> None:
+    """Refuse outputs that would replace, delete or write into an input or a user's files, and
+    outputs that cannot be written; run before anything is loaded or merged."""
+    from bmm_jax import checkpoint
+    inputs = [("--base", args.base)] + [(f"--experts ({k})", e) for k, e in enumerate(args.experts)]
+    for opt in ("model", "hparams"):
+        inputs.append((f"--{opt}", getattr(args, opt)))
+    for opt in ("calibration", "validation", "heads"):
+        inputs += [(f"--{opt} ({k})", v) for k, v in enumerate(getattr(args, opt) or [])]
+    inputs = [(role, src, _real(src)) for role, src in inputs if src is not None and os.path.lexists(str(src))]
+    report = args.report or os.path.abspath(args.out).rstrip(os.sep) + ".json"
+    outputs = [("--out", args.out), ("--report", report)]
+    if args.search:
+        outputs.append(("--run-dir", args.run_dir or os.path.abspath(args.out).rstrip(os.sep) + "-search"))
+    for opt, path in outputs:
+        for role, src, real in inputs:
+            rel = _relation(_real(path), real)
+            if rel is not None:
+                raise ValueError(f"{opt} {path} {rel} the input {src} ({role}); choose a path outside the inputs")
+    out = _real(args.out)
+    for opt, path in outputs[1:]:
+        rel = _relation(_real(path), out)
+        if rel is not None:
+            raise ValueError(f"{opt} {path} {rel} --out {args.out} (replaced as a whole when written); "
+                             "choose a path outside it")
+    overwrite = bool(getattr(args, "overwrite", False))
+    checkpoint.check_target(args.out, overwrite=overwrite, what="--out", how="pass --overwrite")
+    if os.path.isdir(report):
+        raise ValueError(f"--report {report} is a folder; give a file name")
+    if os.path.lexists(report) and not overwrite and not _is_report(report):
+        raise ValueError(f"refusing to replace --report {report}: it is not a bmm-merge report; choose another "
+                         "path, or pass --overwrite to replace it")
+    for opt, path in outputs:
+        if opt == "--run-dir" and os.path.lexists(path):
+            if not os.path.isdir(path):
+                raise ValueError(f"--run-dir {path} exists and is not a folder")
+            from bmm_jax.search.study import check_run_dir
+            check_run_dir(path)              # a damaged or missing study fails now, not after the merge
+            _probe_writable(os.path.join(path, "x"), opt)
+        else:
+            _probe_writable(path, opt)
 
 
 def run(args) -> dict:
@@ -522,12 +608,16 @@ def run(args) -> dict:
     search_info = None
     if args.search:
         from bmm_jax.search import SearchConfig, search
-        prep = bmm_jax.prepare(base.params, experts, anchor, grams, labels, carry=args.carry, prior=args.prior,
-                               progress=progress)
+        prep = bmm_jax.prepare(base.params, experts, anchor, grams, labels=labels, carry=args.carry,
+                               prior=args.prior, progress=progress)
         cfg = SearchConfig(grouping=args.grouping, num_trials=args.trials, designer=args.designer, seed=args.seed,
                            validation_examples=args.validation_examples)
         run_dir = args.run_dir or os.path.abspath(args.out).rstrip(os.sep) + "-search"
-        res = search(prep, evaluate, cfg, run_dir=run_dir, anchor=anchor, progress=progress, verbose=progress)
+        from bmm_jax.search import RunDirInUse
+        try:
+            res = search(prep, evaluate, cfg, run_dir=run_dir, anchor=anchor, progress=progress, verbose=progress)
+        except RunDirInUse as e:
+            raise OSError(str(e)) from None
         merged = res.params
         used_hparams = res.hparams
         search_info = {"grouping": args.grouping, "trials": args.trials, "designer": args.designer,
@@ -535,7 +625,7 @@ def run(args) -> dict:
                        "best_trial": res.best_trial, "kept_anchor": res.best_trial == 0, "run_dir": run_dir}
         diagnostics = None
     else:
-        merged, diagnostics = bmm_jax.merge(base.params, experts, anchor, grams, hparams_fixed, labels,
+        merged, diagnostics = bmm_jax.merge(base.params, experts, anchor, grams, hparams_fixed, labels=labels,
                                             carry=args.carry, prior=args.prior)
         used_hparams = hparams_fixed
     timings["merge"] = time.perf_counter() - t0
@@ -551,7 +641,8 @@ def run(args) -> dict:
     merged = jax.tree_util.tree_map(np.asarray, merged)
     meta = {"tool": PROG, "anchor": args.anchor, "anchor_scale": anchor_scale, "grams": args.grams,
             "hparams": used_hparams, "base": args.base, "experts": list(args.experts)}
-    checksum = checkpoint.save(args.out, merged, metadata=json.loads(json.dumps(meta, default=str)))
+    checksum = checkpoint.save(args.out, merged, metadata=json.loads(json.dumps(meta, default=str)),
+                               overwrite=args.overwrite)
     timings["save"] = time.perf_counter() - t0
     mods = [l for l in jax.tree_util.tree_leaves(labels, is_leaf=lambda x: hasattr(x, "regressed")) if l.regressed]
     report = {
