@@ -3,7 +3,11 @@
 ``evaluate(adapter, params, heads, tasks, split)`` runs ``adapter.apply`` on every example of
 each task's split (padded to a fixed batch size, so each batch shape compiles once; text batches
 are sorted by length and trimmed to the adapter's length buckets), applies that task's head and
-returns the accuracy per task. Preprocessed inputs (token ids, normalised images, or cached
+returns the accuracy per task. ``evaluate_metrics`` returns accuracy, NLL, Brier score and ECE
+(:mod:`bmm_jax.calibration`) from the predicted probabilities, ``task_log_probs`` the
+log-probabilities themselves, and ``ensemble_log_probs`` those of an ensemble (posterior draws
+with a leading ``[M]`` axis on every leaf, e.g. :meth:`bmm_jax.Prepared.sample`), whose predicted
+probabilities are the average over members. Preprocessed inputs (token ids, normalised images, or cached
 frozen-trunk features) are kept in an in-process cache keyed by ``(adapter.preprocess_key, task,
 split, max_examples)``, so the ~50 evaluations of a hyper-parameter search preprocess once.
 """
@@ -142,6 +146,69 @@ def task_logits(adapter: ModelAdapter, params: PyTree, heads: Mapping[str, dict]
     return out
 
 
+def task_log_probs(adapter: ModelAdapter, params: PyTree, heads: Mapping[str, dict], tasks: Sequence[str],
+                   split: str = "test", *, batch_size: int = 128, max_examples: int | None = None,
+                   load: LoadFn | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``task -> (log_probs [N, C] float32, labels [N] int32)``: ``log_softmax`` of
+    :func:`task_logits`, in the split's example order."""
+    from bmm_jax.calibration import log_probabilities
+    res = task_logits(adapter, params, heads, tasks, split, batch_size=batch_size, max_examples=max_examples,
+                      load=load)
+    return {t: (np.asarray(log_probabilities(lg)), y) for t, (lg, y) in res.items()}
+
+
+def member_params(draws: PyTree, m: int) -> PyTree:
+    """Member ``m`` of params with a leading ensemble axis on every leaf."""
+    return jax.tree_util.tree_map(lambda x: x[m], draws)
+
+
+def ensemble_size(draws: PyTree) -> int:
+    """``M``, the shared leading axis of every leaf of ``draws`` (checked)."""
+    sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in jax.tree_util.tree_leaves(draws)}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(f"ensemble params need one leading [M] axis on every leaf; got leading sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def ensemble_log_probs(adapter: ModelAdapter, draws: PyTree, heads: Mapping[str, dict], tasks: Sequence[str],
+                       split: str = "test", *, batch_size: int = 128, max_examples: int | None = None,
+                       load: LoadFn | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``task -> (log_probs [N, C], labels [N])`` of an ensemble: the log of the member-averaged
+    predicted probabilities, ``log(mean_m softmax(logits_m))``.
+
+    Args:
+      draws: params whose every leaf has a leading ``[M]`` axis (e.g. ``prep.sample(key, M,
+        hparams)``); members are evaluated one at a time (memory of one member's activations).
+      Other arguments: as in :func:`task_log_probs`.
+    """
+    from jax.scipy.special import logsumexp
+    m_total = ensemble_size(draws)
+    acc: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    for m in range(m_total):
+        res = task_log_probs(adapter, member_params(draws, m), heads, tasks, split, batch_size=batch_size,
+                             max_examples=max_examples, load=load)
+        for t, (lp, y) in res.items():
+            acc[t] = lp if t not in acc else np.asarray(logsumexp(np.stack([acc[t], lp]), axis=0))
+            labels[t] = y
+    return {t: (acc[t] - np.float32(np.log(m_total)), labels[t]) for t in tasks}
+
+
+def metrics_of(log_probs: Mapping[str, tuple], num_bins: int = 15) -> dict[str, dict[str, float]]:
+    """``task -> {"accuracy", "nll", "brier", "ece"}`` of ``task -> (log_probs, labels)``."""
+    from bmm_jax.calibration import metrics_dict
+    return {t: metrics_dict(lp, y, num_bins) for t, (lp, y) in log_probs.items()}
+
+
+def evaluate_metrics(adapter: ModelAdapter, params: PyTree, heads: Mapping[str, dict], tasks: Sequence[str],
+                     split: str = "test", batch_size: int = 128, max_examples: int | None = None, *,
+                     load: LoadFn | None = None, num_bins: int = 15) -> dict[str, dict[str, float]]:
+    """``{task: {"accuracy", "nll", "brier", "ece"}}`` of the encoder ``params`` with each task's
+    head (arguments as in :func:`evaluate`; ECE with ``num_bins`` equal-width bins)."""
+    return metrics_of(task_log_probs(adapter, params, heads, tasks, split, batch_size=batch_size,
+                                     max_examples=max_examples, load=load), num_bins)
+
+
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of ``logits [N, C]`` against integer ``labels [N]``."""
     logits = np.asarray(logits)
@@ -204,5 +271,6 @@ def _check_heads(heads: Mapping[str, dict], tasks: Sequence[str]) -> None:
         raise ValueError(f"no head for tasks {missing}; heads has {sorted(heads)}")
 
 
-__all__ = ["evaluate", "task_logits", "batched_logits", "prepare", "accuracy", "normalized_accuracy",
+__all__ = ["evaluate", "evaluate_metrics", "task_logits", "task_log_probs", "ensemble_log_probs", "metrics_of",
+           "member_params", "ensemble_size", "batched_logits", "prepare", "accuracy", "normalized_accuracy",
            "mean_accuracy", "clear_cache", "subsample_indices", "Prepared"]

@@ -70,6 +70,47 @@ def test_accuracy_matches_numpy_reference():
             np.testing.assert_array_equal(lg[1], y)
 
 
+def _np_metrics(logits, y, bins=15):
+    """float64 numpy reference of accuracy / NLL / Brier / ECE from logits."""
+    lg = logits - logits.max(1, keepdims=True)
+    p = np.exp(lg) / np.exp(lg).sum(1, keepdims=True)
+    n = len(y)
+    conf, pred = p.max(1), p.argmax(1)
+    ece = 0.0
+    for b in range(bins):
+        m = (conf > b / bins) & (conf <= (b + 1) / bins)
+        if m.any():
+            ece += m.sum() / n * abs(np.mean(pred[m] == y[m]) - conf[m].mean())
+    return {"accuracy": np.mean(pred == y), "nll": -np.mean(np.log(p[np.arange(n), y])),
+            "brier": np.mean(((p - np.eye(p.shape[1])[y]) ** 2).sum(1)), "ece": ece}, p
+
+
+def test_metrics_and_ensemble_match_numpy_reference():
+    ad = dense_adapter()
+    heads = heads_for()
+    got = E.evaluate_metrics(ad, ad.params, heads, ["p", "q"], "test", batch_size=16, load=dense_load)
+    for t in ("p", "q"):
+        x, y = dense_load(t, "test")
+        ref, _ = _np_metrics(numpy_logits(ad.params, heads[t], x), y)
+        for k, v in ref.items():
+            assert got[t][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (t, k)
+    # an ensemble of 3 perturbed members: log of the averaged probabilities, metrics of that
+    members = [jax.tree_util.tree_map(lambda a: a * f + 0.05 * f, ad.params) for f in (0.5, 1.0, 1.7)]
+    draws = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *members)
+    assert E.ensemble_size(draws) == 3
+    ens = E.ensemble_log_probs(ad, draws, heads, ["q"], "validation", batch_size=16, load=dense_load)
+    x, y = dense_load("q", "validation")
+    probs = [_np_metrics(numpy_logits(m, heads["q"], x), y)[1] for m in members]
+    p_mean = np.mean(probs, axis=0)
+    np.testing.assert_allclose(np.exp(ens["q"][0]), p_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(ens["q"][1], y)
+    m = E.metrics_of(ens)["q"]
+    assert m["nll"] == pytest.approx(-np.mean(np.log(p_mean[np.arange(len(y)), y])), rel=1e-4)
+    assert m["accuracy"] == pytest.approx(np.mean(p_mean.argmax(1) == y))
+    with pytest.raises(ValueError, match="leading"):
+        E.ensemble_size({"a": jnp.zeros((3, 2)), "b": jnp.zeros((4,))})
+
+
 def test_max_examples_and_cache():
     ad = dense_adapter()
     heads = heads_for()

@@ -1,4 +1,5 @@
-"""Expert building: optimiser and schedule against optax, the linear probe against scikit-learn,
+"""Expert building: optax AdamW and its schedule against a numpy AdamW and the closed-form
+schedule, the frozen-head protocol, the linear probe against scikit-learn,
 a tiny fine-tune (random 2-layer BERT, token-id data) that lowers the loss, and the on-disk
 expert cache (reuse, rebuild on a changed config, corrupt checkpoints detected and rebuilt)."""
 from __future__ import annotations
@@ -67,32 +68,55 @@ def test_lr_schedule_matches_optax():
         ref = np.array([float(ref_fn(i)) for i in range(total)])
         assert got.dtype == np.float32 and got.shape == (total,)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-8 * peak)
+        sched = experts.schedule(peak, total, warm)          # what the optimiser uses
+        np.testing.assert_allclose([float(sched(i)) for i in range(total)], got, rtol=1e-5, atol=1e-8 * peak)
 
 
-def test_adamw_step_matches_optax():
-    """Three steps of our strict-promotion AdamW against optax's chain (run under standard
-    promotion), with clipping active and different learning rates for encoder and head."""
+def _numpy_adamw(state, grads_seq, lrs, clip, wd, b1=0.9, b2=0.999, eps=1e-8):
+    """Loshchilov & Hutter AdamW in float64 numpy, one learning-rate schedule per top-level key,
+    gradients clipped to a global norm over every leaf."""
+    p = {k: {n: np.asarray(v, np.float64) for n, v in sub.items()} for k, sub in state.items()}
+    m = {k: {n: np.zeros_like(v) for n, v in sub.items()} for k, sub in p.items()}
+    v = {k: {n: np.zeros_like(x) for n, x in sub.items()} for k, sub in p.items()}
+    for t, g in enumerate(grads_seq, start=1):
+        g = {k: {n: np.asarray(x, np.float64) for n, x in sub.items()} for k, sub in g.items()}
+        norm = np.sqrt(sum(np.sum(x ** 2) for sub in g.values() for x in sub.values()))
+        f = min(1.0, clip / norm) if clip > 0 else 1.0
+        for k in p:
+            for n in p[k]:
+                gg = g[k][n] * f
+                m[k][n] = b1 * m[k][n] + (1 - b1) * gg
+                v[k][n] = b2 * v[k][n] + (1 - b2) * gg ** 2
+                mh, vh = m[k][n] / (1 - b1 ** t), v[k][n] / (1 - b2 ** t)
+                p[k][n] = p[k][n] - lrs[k][t - 1] * (mh / (np.sqrt(vh) + eps) + wd * p[k][n])
+    return p
+
+
+def test_optax_adamw_matches_numpy_reference():
+    """Four steps of make_optimizer (optax.adamw with the warm-up cosine schedule, clipping,
+    weight decay, one learning rate per group) against a float64 numpy AdamW."""
     rng = np.random.default_rng(0)
     state = {"encoder": {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)},
              "head": {"b": jnp.asarray(rng.standard_normal(3), jnp.float32)}}
     grads = [jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 3, jnp.float32), state)
-             for _ in range(3)]
-    lrs = {"encoder": 1e-2, "head": 5e-2}
-    ours, opt = state, experts.adam_init(state)
-    for g in grads:
-        ours, opt = experts.adamw_step(ours, g, opt, {k: jnp.float32(v) for k, v in lrs.items()},
-                                       grad_clip=1.0, weight_decay=0.1)
-    with jax.numpy_dtype_promotion("standard"):
-        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
-            {k: optax.adamw(v, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1) for k, v in lrs.items()},
-            {"encoder": "encoder", "head": "head"}))
-        ref, st = state, tx.init(state)
-        for g in grads:
-            upd, st = tx.update(g, st, ref)
-            ref = optax.apply_updates(ref, upd)
-    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    assert float(opt.t) == 3.0
+             for _ in range(4)]
+    for head_mode in ("lpft", "frozen"):
+        cfg = FinetuneConfig(learning_rate=1e-2, head_learning_rate=5e-2, weight_decay=0.1, grad_clip=1.0,
+                             warmup_fraction=0.25, head=head_mode)
+        st = state if head_mode == "lpft" else {"encoder": state["encoder"]}
+        gs = [g if head_mode == "lpft" else {"encoder": g["encoder"]} for g in grads]
+        tx = experts.make_optimizer(cfg, 4)
+        with jax.numpy_dtype_promotion("standard"):   # optax's bias correction: float ** int32
+            opt = tx.init(st)
+            ours = st
+            for g in gs:
+                upd, opt = tx.update(g, opt, ours)
+                ours = optax.apply_updates(ours, upd)
+        lrs = {"encoder": experts.lr_schedule(1e-2, 4, 0.25), "head": experts.lr_schedule(5e-2, 4, 0.25)}
+        ref = _numpy_adamw(st, gs, lrs, 1.0, 0.1)
+        for k in st:
+            for n in st[k]:
+                np.testing.assert_allclose(np.asarray(ours[k][n]), ref[k][n], rtol=2e-5, atol=1e-7)
 
 
 def test_batch_plan():
@@ -156,7 +180,7 @@ def test_tiny_finetune_lowers_the_loss(adapter):
     ids, y = tiny_load("a", "train")
     batch = adapter.preprocess(ids)
     head = {"kernel": np.zeros((16, 2), np.float32), "bias": np.zeros(2, np.float32)}
-    cfg = dataclasses.replace(CONFIG, epochs=6, warmup_fraction=0.0)
+    cfg = dataclasses.replace(CONFIG, epochs=6, warmup_fraction=0.0, head="lpft")
     before = _ce(adapter, adapter.params, head, batch, y)
     assert before == pytest.approx(np.log(2), rel=1e-6)         # zero head: uniform predictions
     res = experts.finetune(adapter, adapter.params, head, batch, y, cfg, seed=0, progress=False)
@@ -174,6 +198,13 @@ def test_tiny_finetune_lowers_the_loss(adapter):
     # deterministic for a seed
     again = experts.finetune(adapter, adapter.params, head, batch, y, cfg, seed=0, progress=False)
     np.testing.assert_array_equal(again.losses, res.losses)
+    # the frozen-head protocol: the head is a constant, the encoder alone learns
+    probe = {"kernel": np.asarray(res.head["kernel"]), "bias": np.asarray(res.head["bias"])}
+    fr = experts.finetune(adapter, adapter.params, probe, batch, y, dataclasses.replace(cfg, head="frozen"),
+                          seed=0, progress=False)
+    for k in probe:
+        np.testing.assert_array_equal(fr.head[k], probe[k])
+    assert _ce(adapter, fr.params, probe, batch, y) < _ce(adapter, adapter.params, probe, batch, y)
 
 
 def test_partition_combine_round_trip(adapter):
@@ -213,8 +244,11 @@ def test_expert_cache_reuse_rebuild_and_corruption(tmp_path, caplog):
         assert st["n_train"] == 48 and st["n_probe"] == 64 and st["final_loss"] < st["first_loss"] * 1.5
         assert st["probe_l2"] in CONFIG.probe_l2_grid
     assert b0.heads["b"]["kernel"].shape == (16, 3)
+    for t in b0.tasks:      # the frozen-head protocol (default): the expert head is the probe
+        for k in ("kernel", "bias"):
+            np.testing.assert_array_equal(b0.heads[t][k], b0.probe_heads[t][k])
     m = _manifest(root, "a", "seed0")
-    assert m["config"]["epochs"] == 2 and len(m["data_hash"]) == 64
+    assert m["config"]["epochs"] == 2 and m["config"]["head"] == "frozen" and len(m["data_hash"]) == 64
     assert m["weight_checksum"] == checkpoint.checksum_of(os.path.join(root, "experts/tiny/a/seed0/ckpt"))
     assert m["base_checksum"] == checkpoint.tree_checksum(b0.base_params)
     # experts share the base structure; the frozen embeddings are the base's
@@ -278,6 +312,8 @@ def test_build_experts_argument_errors(tmp_path):
         FinetuneConfig(epochs=0)
     with pytest.raises(ValueError, match="warmup_fraction"):
         FinetuneConfig(warmup_fraction=1.0)
+    with pytest.raises(ValueError, match="head must be one of"):
+        FinetuneConfig(head="trained")
 
 
 def test_benchmark_definitions():
