@@ -8,25 +8,26 @@ Per regressed module, Flax view ``T_k [d_in, d_out]`` and per-task Grams ``G_k [
 (identical to the paper's ``(sum G~_k)^{-1} sum G~_k W_k`` since ``sum G~_k W_0`` cancels). The
 system is solved by Cholesky (``jax.scipy.linalg.cho_factor/cho_solve``), never an inverse; if
 ``sum_k G~_k`` is numerically singular (alpha = 1 with rank-deficient Grams) the Cholesky result is
-not finite and the min-norm least-squares solve (``eigh``) is used instead, with a warning.
+not finite and the min-norm least-squares solve (``eigh``) is used instead (a ``lax.cond`` on
+device, so the function stays pure and traceable; no warning is emitted).
 Modules of one input group (q/k/v) share one Gram array; its factorisation is reused.
 Leaves that are not regressed modules get the mean task vector (plain weight averaging, as in the
-paper). The Grams are cast to the compute dtype (float32, float64 for float64 leaves).
+paper). The Grams are cast to the compute dtype (float32, float64 for float64 leaves). Output
+``theta_0 + anchor_scale * Delta`` (``anchor_scale`` default 1, the method as published).
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+from jax import lax
 
 from bmm_jax._tree import PyTree
-from bmm_jax.solve import single_thread_lapack
-from bmm_jax.anchors._common import (HIGHEST, assemble, check_fraction, mean_task_vector, prepare,
-                                     psd_solve_min_norm)
+from bmm_jax.anchors._common import (HIGHEST, _psd_solve, anchor_function, assemble, check_hparam,
+                                     default_rcond, mean_task_vector, prepare)
 
 
 @jax.jit
@@ -58,31 +59,39 @@ def _cho(s):
 
 
 @jax.jit
-def _cho_solve(c, b):
-    return jsl.cho_solve((c, True), b)
+def regmean_solve(chol, s, b):
+    """``S^{-1} B`` from the Cholesky factor of ``S``; the min-norm least-squares solve (``eigh``)
+    when the Cholesky result is not finite (``S`` numerically singular), decided on device."""
+    out = jsl.cho_solve((chol, True), b)
+    rcond = default_rcond(s.dtype, s.shape[-1])
+    return lax.cond(jnp.all(jnp.isfinite(out)), lambda: out, lambda: _psd_solve(s, b, rcond))
 
 
-@single_thread_lapack
-def regmean(base: PyTree, experts: Sequence[PyTree], grams: Mapping, alpha: float = 0.95,
-            labels: PyTree | None = None) -> PyTree:
-    """RegMean merge: ``W_0 + (sum G~_k)^{-1} sum G~_k T_k`` per regressed module.
+@anchor_function
+def regmean(base: PyTree, experts: Sequence[PyTree], *, grams: Mapping, labels: PyTree | None = None,
+            anchor_scale=1.0, alpha=0.95) -> PyTree:
+    """RegMean merge: ``W_0 + anchor_scale * (sum G~_k)^{-1} sum G~_k T_k`` per regressed module.
 
     Args:
       base: pretrained params ``theta_0``.
       experts: K >= 2 fine-tuned pytrees like ``base``.
       grams: a :class:`bmm_jax.grams.Grams` (or any mapping) ``module path -> [K, d_in, d_in]``
-        in the module's ``[d_in, d_out]`` view; must hold every regressed module.
-      alpha: off-diagonal scale in [0, 1] (default 0.95; 1 = plain Gram-weighted solve, 0 =
-        diagonal Grams).
+        in the module's ``[d_in, d_out]`` view; must hold every regressed module (keyword-only).
       labels: label tree selecting the modules (default ``build_labels(base)``).
+      anchor_scale: coefficient of the merged task vector (default 1.0; Python number or JAX
+        scalar).
+      alpha: off-diagonal scale in [0, 1] (default 0.95; 1 = plain Gram-weighted solve, 0 =
+        diagonal Grams; Python number or JAX scalar).
 
     Returns:
-      Params with the structure and leaf dtypes of ``base``.
+      Params with the structure and leaf dtypes of ``base``. Pure: runs under ``jit`` / ``vmap``
+      / ``scan``.
 
     Raises:
       ValueError: a regressed module is missing from ``grams`` or its Gram has the wrong shape.
     """
-    alpha = check_fraction(alpha, "alpha", low_open=False)
+    scale = check_hparam(anchor_scale, "anchor_scale")
+    alpha = check_hparam(alpha, "alpha", low=0.0, high=1.0)
     if not isinstance(grams, Mapping):
         raise TypeError(f"grams must be a Grams mapping (module path -> [K, d_in, d_in]), got "
                         f"{type(grams).__name__}")
@@ -102,21 +111,16 @@ def regmean(base: PyTree, experts: Sequence[PyTree], grams: Mapping, alpha: floa
         if not lab.regressed:
             return mean_task_vector(ctx.taus(i))
         t = ctx.matrices(i)
-        g = jnp.asarray(grams[lab.path])
-        if g.shape != (K, lab.d_in, lab.d_in):
+        g = grams[lab.path]
+        if tuple(g.shape) != (K, lab.d_in, lab.d_in):
             raise ValueError(f"Gram of module '{lab.path}' has shape {tuple(g.shape)}, expected "
                              f"{(K, lab.d_in, lab.d_in)} (K experts, d_in x d_in)")
-        g = g.astype(t.dtype)
-        s, b = regmean_normal_equations(g, t, jnp.asarray(alpha, t.dtype))
+        g = jnp.asarray(g).astype(t.dtype)
+        s, b = regmean_normal_equations(g, t, jnp.asarray(alpha).astype(t.dtype))
         key = (key_of[lab.path] if key_of is not None else lab.path, str(t.dtype))
         if key not in cache:
             cache.clear()  # only the current input group is ever reused
             cache[key] = _cho(s)
-        out = _cho_solve(cache[key], b)
-        if not bool(jnp.all(jnp.isfinite(out))):
-            warnings.warn(f"RegMean: sum of Grams of module '{lab.path}' is singular; using the "
-                          "min-norm least-squares solve", RuntimeWarning, stacklevel=3)
-            out = psd_solve_min_norm(s, b)
-        return lab.from_matrix(out)
+        return lab.from_matrix(regmean_solve(cache[key], s, b))
 
-    return assemble(ctx, delta)
+    return assemble(ctx, delta, scale)

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from bmm_jax._tree import PyTree
-from bmm_jax.anchors._common import check_scale, compute_dtype, is_float_dtype, leaf_dtype, prepare
+from bmm_jax.anchors._common import (anchor_function, check_hparam, compute_dtype, is_float_dtype,
+                                     leaf_dtype, prepare)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "mean"))
@@ -21,43 +22,49 @@ def _sum_merge_leaf(base_leaf, expert_leaves, scale, dtype, mean: bool):
         total = total + (e.astype(dtype) - b)
     if mean:
         total = total / len(expert_leaves)
-    return (b + scale * total).astype(base_leaf.dtype)
+    return (b + jnp.asarray(scale).astype(dtype) * total).astype(base_leaf.dtype)
 
 
-def _sum_merge(base: PyTree, experts: Sequence[PyTree], scale: float, mean: bool) -> PyTree:
-    ctx = prepare(base, experts, need_labels=False)
+def _sum_merge(base: PyTree, experts: Sequence[PyTree], scale, mean: bool, labels) -> PyTree:
+    ctx = prepare(base, experts, labels, need_labels=False)
     out = []
     for i, b in enumerate(ctx.base_leaves):
         dt = leaf_dtype(b)
         if not is_float_dtype(dt):
             out.append(jnp.asarray(b))
             continue
-        cd = compute_dtype(dt)
-        out.append(_sum_merge_leaf(jnp.asarray(b), [jnp.asarray(e[i]) for e in ctx.expert_leaves],
-                                   jnp.asarray(scale, cd), cd, mean))
+        out.append(_sum_merge_leaf(jnp.asarray(b), ctx.leaf_experts(i), scale, compute_dtype(dt), mean))
     return jax.tree_util.tree_unflatten(ctx.treedef, out)
 
 
-def average(base: PyTree, experts: Sequence[PyTree]) -> PyTree:
-    """Weight averaging: ``theta_0 + mean_k tau_k`` (= the mean of the experts), every leaf.
+@anchor_function
+def average(base: PyTree, experts: Sequence[PyTree], *, labels: PyTree | None = None,
+            anchor_scale=1.0) -> PyTree:
+    """Weight averaging: ``theta_0 + anchor_scale * mean_k tau_k`` on every floating leaf
+    (``anchor_scale = 1``: the mean of the experts).
 
     Args:
       base: pretrained params ``theta_0`` (any pytree of arrays).
       experts: K >= 2 fine-tuned pytrees with the structure, shapes and dtypes of ``base``.
+      labels: accepted (and validated) for a uniform call signature; averaging acts on every leaf.
+      anchor_scale: coefficient of the mean task vector (Python number or JAX scalar, default 1).
 
     Returns:
       Params with the structure and leaf dtypes of ``base`` (computed in float32, float64 leaves
-      in float64).
+      in float64). Pure: runs under ``jit`` / ``vmap`` / ``scan``.
     """
-    return _sum_merge(base, experts, 1.0, True)
+    return _sum_merge(base, experts, check_hparam(anchor_scale, "anchor_scale"), True, labels)
 
 
-def task_arithmetic(base: PyTree, experts: Sequence[PyTree], scale: float = 0.3) -> PyTree:
-    """Task Arithmetic (Ilharco et al. 2023): ``theta_0 + scale * sum_k tau_k``, every leaf.
+@anchor_function
+def task_arithmetic(base: PyTree, experts: Sequence[PyTree], *, labels: PyTree | None = None,
+                    anchor_scale=0.3) -> PyTree:
+    """Task Arithmetic (Ilharco et al. 2023): ``theta_0 + anchor_scale * sum_k tau_k``, every
+    floating leaf.
 
     Args:
-      base, experts: as in :func:`average`.
-      scale: the scaling coefficient alpha (default 0.3, the usual 8-task ViT choice).
+      base, experts, labels: as in :func:`average`.
+      anchor_scale: the scaling coefficient alpha (default 0.3, the usual 8-task ViT choice;
+        Python number or JAX scalar).
     """
-    scale = check_scale(scale)
-    return _sum_merge(base, experts, scale, False)
+    return _sum_merge(base, experts, check_hparam(anchor_scale, "anchor_scale"), False, labels)
