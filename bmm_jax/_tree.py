@@ -47,9 +47,16 @@ def _describe_structure_difference(a: PyTree, b: PyTree) -> str:
     return "; ".join(parts) or "different container types or ordering"
 
 
+def staging() -> bool:
+    """True while a staging transformation (``jit``, ``lax.scan`` / ``cond`` bodies, ``eval_shape``)
+    traces the current call: even concrete arrays then only yield tracers, so no value can be read."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
 def is_traced(tree: PyTree) -> bool:
-    """True if any leaf of ``tree`` is a JAX tracer (the call is being traced by jit/vmap/grad/scan)."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+    """True if any leaf of ``tree`` is a JAX tracer (``jit``/``vmap``/``grad``/``scan`` inputs) or a
+    staging transformation is active (:func:`staging`): value checks are then skipped."""
+    return staging() or any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
 def check_experts(base: PyTree, experts: Sequence[PyTree], *, min_experts: int = 2,
@@ -167,6 +174,8 @@ def all_finite(leaves: Sequence) -> bool:
     call, and one boolean is read by the host (an explicit ``jax.device_get``); numpy leaves are
     scanned on the host. Tracers are skipped. Arrays found finite are remembered (immutable).
     """
+    if staging():
+        return True
     dev, host = [], []
     for leaf in leaves:
         if isinstance(leaf, jax.core.Tracer) or not _is_float(_dtype(leaf)):
