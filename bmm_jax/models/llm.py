@@ -73,7 +73,7 @@ def torch_state_dict(params: PyTree, *, tied: bool | None = None) -> dict[str, n
     for path, leaf in leaves_with_paths(params):
         x = np.asarray(jax.device_get(leaf))
         if path.endswith("kernel") and x.ndim == 2:
-            x = x.T
+            x = np.ascontiguousarray(x.T)        # safetensors writers take the buffer as it lies
         out[torch_name(path)] = x
     if "lm_head.weight" in out:
         emb = next((v for k, v in out.items() if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")), None)
