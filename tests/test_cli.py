@@ -272,6 +272,8 @@ def _no_loading(monkeypatch):
     ("run_dir_inside", "--run-dir {m}/base/search lies inside the input {m}/base (--base)"),
     ("report_in_out", "--report {t}/merged/rep.json lies inside --out {t}/merged"),
     ("run_dir_in_out", "--run-dir {t}/merged/search lies inside --out {t}/merged"),
+    ("report_is_hparams", "--report {m}/hp.json is the input {m}/hp.json (--hparams)"),
+    ("out_is_cache", "--out {m}/base is the input {m}/base (the bmm_jax cache)"),
 ])
 def test_merge_refuses_outputs_overlapping_inputs(user_models, tmp_path, capsys, monkeypatch, case, phrase):
     m, t = str(user_models), str(tmp_path)
@@ -290,6 +292,12 @@ def test_merge_refuses_outputs_overlapping_inputs(user_models, tmp_path, capsys,
         argv += ["--report", f"{t}/merged/rep.json"]
     elif case == "run_dir_in_out":
         argv += ["--search", "--validation", "a", "b", "--run-dir", f"{t}/merged/search"]
+    elif case == "report_is_hparams":
+        (user_models / "hp.json").write_text('{"rho": 0.5}')
+        argv += ["--hparams", f"{m}/hp.json", "--report", f"{m}/hp.json"]
+    elif case == "out_is_cache":                                # a built-in base loads from the cache
+        monkeypatch.setenv("BMM_JAX_CACHE", f"{m}/base")
+        argv = ["--base", "minilm", "--experts", f"{m}/e0", f"{m}/e1", "--quiet", "--out", f"{m}/base", "--overwrite"]
     before = _snapshot(user_models)
     _no_loading(monkeypatch)
     rc, so, se = _run(argv, capsys)

@@ -108,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where leaves that are not regressed modules come from")
     m.add_argument("--prior", choices=("isotropic", "diagonal"), default="isotropic", help="prior covariance")
 
+    st = p.add_argument_group("streaming (HF safetensors inputs: merged tensor by tensor, file to file)")
+    st.add_argument("--out-format", choices=("hf", "orbax"), default=None,
+                    help="output: an HF folder (safetensors shards + index + config) or an orbax checkpoint "
+                         "(default: hf when --base and --experts are PyTorch-named safetensors folders, which are "
+                         "then merged streaming with bmm_jax.streaming.merge_checkpoints; orbax otherwise)")
+    st.add_argument("--anchor-only", action="store_true",
+                    help="streamed merges: write the anchor merge itself (average, TA, TIES...), no BMM")
+    st.add_argument("--max-shard-size", default="5GB", help="streamed merges: largest output shard ('5GB', '2GiB')")
+    st.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="run as one of --num-processes processes (jax.distributed); process 0 serves HOST:PORT")
+    st.add_argument("--num-processes", type=int, default=None, help="number of processes (with --coordinator)")
+    st.add_argument("--process-id", type=int, default=None, help="this process's index in [0, N) (with --coordinator)")
+
     s = p.add_argument_group("search (Vizier, on validation data)")
     s.add_argument("--search", action="store_true",
                    help="search (rho, s) per group with Bayesian optimisation on --validation instead of fixed values")
@@ -447,20 +460,27 @@ def check_outputs(args) -> None:
     """Refuse outputs that would replace, delete or write into an input or a user's files, and
     outputs that cannot be written; run before anything is loaded or merged."""
     from bmm_jax import checkpoint
-    inputs = [("--base", args.base)] + [(f"--experts ({k})", e) for k, e in enumerate(args.experts)]
-    for opt in ("model", "hparams"):
-        inputs.append((f"--{opt}", getattr(args, opt)))
-    for opt in ("calibration", "validation", "heads"):
-        inputs += [(f"--{opt} ({k})", v) for k, v in enumerate(getattr(args, opt) or [])]
-    inputs = [(role, src, _real(src)) for role, src in inputs if src is not None and os.path.lexists(str(src))]
+    # every argument naming an existing file or folder is an input (options added later included)
+    inputs = []
+    for name, value in sorted(vars(args).items()):
+        if name in ("out", "report", "run_dir") or name.startswith("_"):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        many = isinstance(value, (list, tuple))
+        for k, v in enumerate(values):
+            if isinstance(v, (str, os.PathLike)) and str(v) and os.path.lexists(v):
+                inputs.append((f"--{name.replace('_', '-')}" + (f" ({k})" if many else ""), str(v), _real(v), True))
+    if args.base in BUILTIN_MODELS or args.model in BUILTIN_MODELS:     # the cache it may load from
+        from bmm_jax.data.paths import cache_dir
+        inputs.append(("the bmm_jax cache", str(cache_dir()), _real(cache_dir()), False))
     report = args.report or os.path.abspath(args.out).rstrip(os.sep) + ".json"
     outputs = [("--out", args.out), ("--report", report)]
     if args.search:
         outputs.append(("--run-dir", args.run_dir or os.path.abspath(args.out).rstrip(os.sep) + "-search"))
     for opt, path in outputs:
-        for role, src, real in inputs:
+        for role, src, real, strict in inputs:
             rel = _relation(_real(path), real)
-            if rel is not None:
+            if rel is not None and (strict or rel != "lies inside"):
                 raise ValueError(f"{opt} {path} {rel} the input {src} ({role}); choose a path outside the inputs")
     out = _real(args.out)
     for opt, path in outputs[1:]:
@@ -495,6 +515,11 @@ def run(args) -> dict:
     from bmm_jax._tree import check_experts
     from bmm_jax.experiment import atomic_write_json, batches_of, rescale
 
+    if _streamed(args):
+        return _run_streamed(args)
+    if getattr(args, "out_format", None) == "hf" or getattr(args, "coordinator", None) is not None:
+        raise ValueError("--out-format hf and --coordinator need --base and --experts as HF folders of PyTorch-named "
+                         "safetensors (what the Hub stores); these inputs merge in memory into an orbax checkpoint")
     t_start = time.perf_counter()
     progress = not args.quiet
     validate_args(args)
@@ -667,6 +692,52 @@ def run(args) -> dict:
     atomic_write_json(report_path, report)
     report["report"] = report_path
     return report
+
+
+# ============================================================================ streamed merge
+def _streamed(args) -> bool:
+    """True for a file-to-file merge: HF PyTorch-named safetensors inputs and an HF (or orbax) output,
+    no data-dependent step."""
+    from bmm_jax.streaming import Checkpoint, detect_naming, is_safetensors_checkpoint
+    if not all(is_safetensors_checkpoint(x) for x in [args.base, *args.experts]):
+        return False
+    try:
+        naming = detect_naming(Checkpoint(args.base).names())
+    except (OSError, ValueError):
+        return False
+    return naming == "pt" or args.out_format == "hf" or args.coordinator is not None
+
+
+def _run_streamed(args) -> dict:
+    from bmm_jax.streaming import is_bmm_output, merge_checkpoints
+    unsupported = [flag for flag, on in (("--search", args.search), ("--validation", args.validation is not None),
+                                         ("--calibration", args.calibration is not None),
+                                         ("--anchor-scale-grid", args.anchor_scale_grid is not None),
+                                         ("--model", args.model is not None))
+                   if on]
+    if args.grams in ("activations", "hybrid"):
+        unsupported.append(f"--grams {args.grams} (collect Grams to files first: bmm_jax.grams.files)")
+    if unsupported:
+        raise ValueError(f"a streamed merge (HF safetensors inputs) does not take {', '.join(unsupported)}; "
+                         "use --grams data_free or --grams GRAM_FILE(S)")
+    if args.grams != "data_free" and not os.path.exists(args.grams):
+        raise ValueError(f"--grams {args.grams!r}: neither data_free nor a Gram file / folder")
+    shim = argparse.Namespace(**vars(args))
+    shim.grams = "data_free"
+    if os.path.isdir(args.out) and is_bmm_output(args.out):
+        shim.overwrite = True                          # a previous streamed output is replaced as a whole
+    if args.process_id in (None, 0):
+        check_outputs(shim)
+    report_path = args.report or os.path.abspath(args.out).rstrip(os.sep) + ".json"
+    rep = merge_checkpoints(
+        args.base, args.experts, args.out, method="anchor" if args.anchor_only else "bmm", anchor=args.anchor,
+        anchor_scale=args.anchor_scale, grams=args.grams, hparams=_parse_hparams(args), carry=args.carry,
+        prior=args.prior, out_format=args.out_format or "hf", max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite, report_path=report_path, coordinator_address=args.coordinator,
+        num_processes=args.num_processes, process_id=args.process_id, progress=not args.quiet)
+    rep["report"] = report_path
+    rep["validation"] = None
+    return rep
 
 
 def main(argv=None) -> int:
