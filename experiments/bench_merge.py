@@ -76,6 +76,10 @@ STEPS = (
     ("fast_resolve", "prep.params(new hparams), after a warm-up"),
     ("fast_resolve_bf16", "same with prepare(factor_dtype='bfloat16'); error vs the exact merge"),
     ("numpy_merge", "same merge in numpy/scipy (cho_factor/cho_solve)"),
+    ("merge_numpy_experts", "bmm_jax.merge with base/experts as numpy arrays (as loaded from files)"),
+    ("merge_trimmed", "bmm_jax.merge inside memory.trimming() (opt-in allocator hygiene)"),
+    ("merge_jit", "jax.jit(merge) of the whole model: compile and run seconds"),
+    ("vmapped_trials", "jax.vmap(prep.params) over a batch of 4 settings vs 4 sequential re-solves"),
     ("agreement", "max |bmm - numpy| / max |delta| (check, not a target)"),
 )
 STEP_NAMES = tuple(n for n, _ in STEPS)
@@ -267,7 +271,7 @@ def run_step(name: str, quick: bool, num_experts: int, sigma: float, wudi_steps:
         t1 = time.perf_counter()
         pre = bmm_jax.prepare(base, experts, "task_arithmetic", bmm_jax.grams.data_free(base, experts),
                               factor_dtype=dt)
-        _block([s.factors for s in pre._stacks])
+        _block(jax.tree_util.tree_leaves(pre))
         extra["prepare_seconds"] = time.perf_counter() - t1
         extra["prepare_peak_rss_bytes"] = _maxrss_bytes()                # setup + prepare, experts alive
         _block(pre.params(HPARAMS))                                     # warm-up (compiles)
@@ -305,11 +309,58 @@ def run_step(name: str, quick: bool, num_experts: int, sigma: float, wudi_steps:
             _block(g.factor(path))
     elif name == "prepare":
         prep = bmm_jax.prepare(base, experts, "task_arithmetic", bmm_jax.grams.data_free(base, experts))
-        _block([s.factors for s in prep._stacks])
+        _block(jax.tree_util.tree_leaves(prep))
     elif name == "merge":
         params, _ = bmm_jax.merge(base, experts, "task_arithmetic", bmm_jax.grams.data_free(base, experts),
                                   dict(HPARAMS))
         _block(params)
+    elif name == "merge_numpy_experts":
+        base_np = jax.tree_util.tree_map(np.asarray, base)
+        experts_np = [jax.tree_util.tree_map(np.asarray, e) for e in experts]
+        del experts
+        base = base_np
+        import gc
+        gc.collect()
+        import bmm_jax.memory
+        extra["peak_reset"] = bmm_jax.memory.reset_peak_rss()
+        t = time.perf_counter()
+        params, _ = bmm_jax.merge(base_np, experts_np, "task_arithmetic", None, dict(HPARAMS))
+        _block(params)
+    elif name == "merge_trimmed":
+        import bmm_jax.memory
+        with bmm_jax.memory.trimming():
+            params, _ = bmm_jax.merge(base, experts, "task_arithmetic", bmm_jax.grams.data_free(base, experts),
+                                      dict(HPARAMS))
+            _block(params)
+    elif name == "merge_jit":
+        fn = jax.jit(lambda b, es, r, s_: bmm_jax.merge(b, es, "task_arithmetic", None,
+                                                         {"rho": r, "scale": s_}).params)
+        tc = time.perf_counter()
+        compiled = fn.lower(base, experts, 0.3, 1.0).compile()
+        extra["compile_seconds"] = time.perf_counter() - tc
+        tr = time.perf_counter()
+        _block(compiled(base, experts, 0.3, 1.0))
+        extra["run_seconds"] = time.perf_counter() - tr
+    elif name == "vmapped_trials":
+        import jax.numpy as jnp
+        prep = bmm_jax.prepare(base, experts, "task_arithmetic")
+        del experts
+        batch = jnp.asarray([0.03, 0.1, 0.3, 1.0], jnp.float32)
+        vfn = jax.jit(lambda pr, r: jax.vmap(lambda x: pr.params({"rho": x, "scale": 1.0}))(r))
+        _block(vfn(prep, batch))                                        # compile
+        sfn = jax.jit(lambda pr, r: pr.params({"rho": r, "scale": 1.0}))
+        _block(sfn(prep, batch[0]))
+        tb, ts = [], []
+        for _ in range(3):                                             # interleaved A/B
+            t1 = time.perf_counter()
+            _block(vfn(prep, batch))
+            tb.append(time.perf_counter() - t1)
+            t1 = time.perf_counter()
+            for x in batch:
+                _block(sfn(prep, x))
+            ts.append(time.perf_counter() - t1)
+        extra["batched_trials_per_second"] = 4 / float(np.median(tb))
+        extra["sequential_trials_per_second"] = 4 / float(np.median(ts))
     elif name in ("fast_resolve", "fast_resolve_bf16"):
         times = []
         for hp in RESOLVE_HPARAMS:
