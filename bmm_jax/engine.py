@@ -31,6 +31,7 @@ import numpy as np
 from bmm_jax.grams.data_free import normalized_weights
 from bmm_jax.labels import Label
 from bmm_jax.solve import HIGHEST, _solve_one, normal_equations, normal_equations_factored
+from bmm_jax.solve_lowrank import _data_free_alpha, _woodbury, prefer_woodbury
 
 HOWS = ("data_free", "factor", "dense")
 
@@ -111,6 +112,10 @@ def solve_module(view: tuple, how: str, prior: str, base_leaf, expert_leaves: Se
     The merged leaf has the base leaf's shape and dtype; an unchanged module returns the base leaf.
     """
     label = view_label(view)
+    if prior == "isotropic" and how in ("data_free", "factor") and prefer_woodbury(
+            view[1], view[2], len(expert_leaves), None if gram is None else int(gram.shape[-1])):
+        return _solve_module_lowrank(view, how, base_leaf, expert_leaves, gram, anchor_leaf, weights, rho, scale,
+                                     check_singular)
     s, b, ta, changed, absmax = module_statistics(view, how, base_leaf, expert_leaves, gram, anchor_leaf, weights)
     d = s.shape[-1]
     # an unchanged module has S = 0 (lambda = 0): solve a harmless system instead, then select the base
@@ -128,6 +133,47 @@ def solve_module(view: tuple, how: str, prior: str, base_leaf, expert_leaves: Se
         finite_s=(jnp.isfinite(tr) & jnp.all(jnp.isfinite(b))).astype(jnp.float32),
         finite_out=jnp.all(jnp.isfinite(out)).astype(jnp.float32),
         singular=_is_singular(s_safe) if check_singular else jnp.zeros((), jnp.float32),
+        lam=jnp.where(changed, rho * tr / d, 0.0),
+        delta_norm=jnp.where(changed, _norm(out), 0.0),
+        anchor_distance=jnp.where(changed, _norm(out - scale * ta) / jnp.maximum(ta_norm, 1e-30), 0.0),
+        max_abs=absmax)
+    return leaf, status
+
+
+def _solve_module_lowrank(view, how, base_leaf, expert_leaves, gram, anchor_leaf, weights, rho, scale,
+                          check_singular: bool):
+    """:func:`solve_module` in the rank of the Grams (Woodbury, :mod:`bmm_jax.solve_lowrank`) when
+    ``K r < d_in`` makes it cheaper: only an ``R x R`` system (``R = K r``) is factored, no
+    ``d_in x d_in`` matrix formed. ``S`` then has rank ``<= R < d_in``: ``rho = 0`` is singular."""
+    label = view_label(view)
+    t = task_kernels(label, base_leaf, expert_leaves)
+    w = jnp.asarray(weights, jnp.float32)
+    ta = label.to_matrix(anchor_leaf.astype(jnp.float32) - base_leaf.astype(jnp.float32))
+    absmax = jnp.max(jnp.abs(t))
+    changed = absmax > 0
+    rho = jnp.asarray(rho, jnp.float32)
+    scale = jnp.asarray(scale, jnp.float32)
+    if how == "data_free":
+        alpha = _data_free_alpha(t, w)
+        fs = [t[i] for i in range(t.shape[0])]
+        tr = jnp.sum(alpha * alpha * jnp.sum(t * t, axis=(-2, -1)))
+        out = _woodbury(t, fs, ta, alpha, rho, scale, True)
+    else:
+        f = gram.astype(jnp.float32)
+        alpha = jnp.sqrt(w)
+        fs = [f[i] for i in range(f.shape[0])]
+        tr = jnp.sum(w * jnp.sum(f * f, axis=(-2, -1)))
+        out = _woodbury(t, fs, ta, alpha, rho, scale, False)
+    d = view[1]
+    base32 = base_leaf.astype(jnp.float32)
+    merged = (base32 + label.from_matrix(out).reshape(base_leaf.shape)).astype(base_leaf.dtype)
+    leaf = jnp.where(changed, merged, base_leaf)
+    ta_norm = _norm(ta)
+    status = ModuleStatus(
+        changed=changed.astype(jnp.float32), trace_s=tr,
+        finite_s=(jnp.isfinite(tr) & jnp.all(jnp.isfinite(t))).astype(jnp.float32),
+        finite_out=jnp.all(jnp.isfinite(out)).astype(jnp.float32),
+        singular=jnp.ones((), jnp.float32) if check_singular else jnp.zeros((), jnp.float32),
         lam=jnp.where(changed, rho * tr / d, 0.0),
         delta_norm=jnp.where(changed, _norm(out), 0.0),
         anchor_distance=jnp.where(changed, _norm(out - scale * ta) / jnp.maximum(ta_norm, 1e-30), 0.0),

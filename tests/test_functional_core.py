@@ -449,3 +449,25 @@ def test_sharded_inputs_keep_their_sharding_and_experts_are_not_gathered(tmp_pat
                           timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ok") == 2
+
+
+def test_merge_takes_the_woodbury_path_when_rank_is_low_and_matches_dense():
+    """K d_out < d_in (a down projection with few experts): the merge solves in the rank of the
+    data-free Grams; the result equals the dense numpy solve, and rho = 0 is refused eagerly."""
+    from bmm_jax.solve_lowrank import prefer_woodbury
+    rng = np.random.default_rng(11)
+    shapes = {"layer/0/mlp/down_proj/kernel": (64, 4), "layer/0/mlp/down_proj/bias": (4,)}
+    assert prefer_woodbury(64, 4, 3)
+    base = {p: rng.standard_normal(s).astype(np.float32) for p, s in shapes.items()}
+    experts = [{p: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32) for p, v in base.items()}
+               for _ in range(3)]
+    b, es = _nest({p: jnp.asarray(v) for p, v in base.items()}), [_nest({p: jnp.asarray(v) for p, v in e.items()})
+                                                                  for e in experts]
+    p = "layer/0/mlp/down_proj/kernel"
+    t = np.stack([e[p] - base[p] for e in experts]).astype(np.float64)
+    ref = base[p] + np_solve(t, np_data_free(t), 0.3 * t.sum(0), 0.2, 1.1)
+    for fn in (lambda b, es: bmm_jax.merge(b, es, "task_arithmetic", None, {"rho": 0.2, "scale": 1.1}).params,
+               jax.jit(lambda b, es: bmm_jax.merge(b, es, "task_arithmetic", None, {"rho": 0.2, "scale": 1.1}).params)):
+        np.testing.assert_allclose(np.asarray(_flat(fn(b, es))[p], np.float64), ref, atol=5e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="rho = 0"):
+        bmm_jax.merge(b, es, "task_arithmetic", None, {"rho": 0.0})
