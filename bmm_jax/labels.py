@@ -141,8 +141,10 @@ def build_labels(params: PyTree, *, include: Sequence[str] | None = None,
                  transposed: Sequence[str] = DEFAULT_TRANSPOSED) -> PyTree:
     """Label tree for ``params``.
 
-    Default selection: every leaf named ``kernel`` that is 2-D (or a 1x1 convolution), minus
-    embeddings and heads (:data:`DEFAULT_EXCLUDE`).
+    Default selection: every floating leaf named ``kernel`` that is 2-D (or a 1x1 convolution),
+    minus embeddings and heads (:data:`DEFAULT_EXCLUDE`). Integer (quantised) kernels are always
+    carried: the regression is defined on real-valued weights (a label tree that regresses one is
+    rejected by :func:`bmm_jax.merge`).
 
     Args:
       params: a params pytree (nested dicts, HF Flax ``model.params``, ...).
@@ -173,6 +175,8 @@ def build_labels(params: PyTree, *, include: Sequence[str] | None = None,
         p = path_str(path)
         shape = tuple(np.shape(leaf))
         layout = _layout_of(p, shape, transposed)
+        if layout is not None and not _is_float_leaf(leaf):
+            layout = None          # integer (quantised) kernels are carried, never regressed
         selected = layout is not None and not _matches(exclude, p)
         if include is not None:
             selected = layout is not None and _matches(include, p) and not _matches(
@@ -197,6 +201,14 @@ def build_labels(params: PyTree, *, include: Sequence[str] | None = None,
                      layout=layout, d_in=int(d_in), d_out=int(d_out))
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _is_float_leaf(leaf) -> bool:
+    dt = getattr(leaf, "dtype", None)
+    if dt is None:
+        return True
+    dt = np.dtype(dt)
+    return bool(np.issubdtype(dt, np.floating) or dt.name == "bfloat16")
 
 
 def _patterns(value, name: str) -> tuple[str, ...] | None:

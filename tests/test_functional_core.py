@@ -471,3 +471,45 @@ def test_merge_takes_the_woodbury_path_when_rank_is_low_and_matches_dense():
         np.testing.assert_allclose(np.asarray(_flat(fn(b, es))[p], np.float64), ref, atol=5e-5 * np.abs(ref).max())
     with pytest.raises(ValueError, match="rho = 0"):
         bmm_jax.merge(b, es, "task_arithmetic", None, {"rho": 0.0})
+
+
+def test_first_merge_in_a_process_is_bitwise_equal_to_later_ones(tmp_path):
+    child = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np, bmm_jax
+        rng = np.random.default_rng(0)
+        base = {"layer": {str(i): {"query": {"kernel": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)},
+                                   "output": {"dense": {"kernel": jnp.asarray(rng.standard_normal((256, 64)),
+                                                                              jnp.float32)}}} for i in range(2)}}
+        experts = [jax.tree_util.tree_map(lambda x: x + 0.05 * jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
+                                          base) for _ in range(4)]
+        outs = [bmm_jax.merge(base, experts, "task_arithmetic", None, {"rho": 0.3}).params for _ in range(3)]
+        same = all(bool(jnp.array_equal(a, b)) for o in outs[1:]
+                   for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(o)))
+        print("bitwise" if same else "differs")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("bitwise")
+
+
+def test_integer_kernels_are_carried_and_refused_as_regressed(model):
+    base, experts = model
+    b, es = _trees(base, experts)
+    q = {"w": {"kernel": jnp.asarray(np.arange(12).reshape(3, 4), jnp.int8)}}
+    bq = dict(b, quant=q)
+    eq = [dict(e, quant={"w": {"kernel": q["w"]["kernel"] + jnp.int8(k + 1)}}) for k, e in enumerate(es)]
+    labels = bmm_jax.build_labels(bq)
+    lab = {l.path: l for l in bmm_jax.labels.label_list(labels)}
+    assert not lab["quant/w/kernel"].regressed                  # carried, never regressed
+    res = bmm_jax.merge(bq, eq, "average", None, {"rho": 0.5})
+    anchor = bmm_jax.anchors.average(bq, eq)
+    np.testing.assert_array_equal(np.asarray(res.params["quant"]["w"]["kernel"]),
+                                  np.asarray(anchor["quant"]["w"]["kernel"]))
+    forced = jax.tree_util.tree_map(lambda l: l, labels, is_leaf=lambda x: isinstance(x, bmm_jax.labels.Label))
+    import dataclasses
+    forced["quant"]["w"]["kernel"] = dataclasses.replace(lab["quant/w/kernel"], regressed=True, kind="other",
+                                                         layout="dense", d_in=3, d_out=4, input_group="x")
+    with pytest.raises(ValueError, match=r"leaf 'quant/w/kernel' has dtype int8"):
+        bmm_jax.merge(bq, eq, "average", None, {"rho": 0.5}, labels=forced)
