@@ -68,7 +68,7 @@ class HybridPrepared:
         from bmm_jax.grams.hybrid import hybrid
         from bmm_jax.merging import prepare
         grams = hybrid(self.data_grams, self.free_grams, beta)
-        prep = prepare(self.base, self.experts, self.anchor, grams, self.labels, **self._kw)
+        prep = prepare(self.base, self.experts, self.anchor, grams, labels=self.labels, **self._kw)
         self.num_factorizations += 1
         self._cache[beta] = prep
         while len(self._cache) > self._cache_size:
