@@ -116,7 +116,22 @@ def capture_inputs(apply_fn: Callable, params: PyTree, batch, labels: PyTree,
 
     Returns:
       ``{input group: (x [N, d_in] float32, mask [N] bool)}`` (all calls of a group concatenated;
-      q/k/v read one input and are captured once).
+      q/k/v read one input and are captured once). :func:`capture` also returns the output.
+    """
+    return capture(apply_fn, params, batch, labels, mask_fn)[1]
+
+
+def capture(apply_fn: Callable, params: PyTree, batch, labels: PyTree,
+            mask_fn: Callable | None = None) -> tuple[Any, dict[str, tuple]]:
+    """One forward pass: ``(apply_fn(params, batch), inputs of every regressed module)``.
+
+    The same call a training step makes, so the loss and the activation Grams come from one
+    forward pass: use it inside ``jax.value_and_grad(..., has_aux=True)`` (return the captured
+    inputs as aux; they are not differentiated) under ``jit`` / ``vmap``, then
+    :func:`update` an accumulator. Arguments as :func:`capture_inputs`.
+
+    Returns:
+      ``(output, {input group: (x [N, d_in] float32, mask [N] bool)})``.
     """
     by_module = _module_index(labels)
     seen: dict[str, list] = {}
@@ -139,12 +154,79 @@ def capture_inputs(apply_fn: Callable, params: PyTree, batch, labels: PyTree,
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
-        apply_fn(params, batch)
+        out = apply_fn(params, batch)
     missing = sorted({l.input_group for l in by_module.values()} - set(seen))
     if missing:
         raise ValueError(f"no input captured for input groups {missing[:5]}: their modules were never "
                          "called as linen submodules with those scope paths")
-    return {g: (jnp.concatenate([r for r, _ in v]), jnp.concatenate([m for _, m in v])) for g, v in seen.items()}
+    return out, {g: (jnp.concatenate([r for r, _ in v]), jnp.concatenate([m for _, m in v]))
+                 for g, v in seen.items()}
+
+
+def from_states(states, labels: PyTree) -> Grams:
+    """:class:`Grams` from K accumulator states (one per task), traceable.
+
+    Args:
+      states: a sequence of K :class:`GramState` (task k's state k), or one :class:`GramState`
+        whose arrays carry a leading task axis (``sums {group: [K, d, d]}``, ``counts {group:
+        [K]}``), as accumulated under ``jax.vmap`` over the experts.
+      labels: label tree of the model; every input group of its regressed modules must be in the
+        states (extra groups are ignored).
+
+    Returns:
+      :class:`Grams` (``kind="activations"``): ``[K, d_in, d_in]`` per input group, each regressed
+      module mapped to its group, ``num_tokens[k]`` the fewest rows any group of task k saw.
+
+    Raises:
+      ValueError: a group missing from a state or shaped unlike its modules' ``d_in``, states
+        with different groups, fewer than one task; eagerly also a group with no row (under a
+        transformation such a group's Gram is NaN, as in :func:`finalize`).
+    """
+    mods = regressed(labels)
+    if not mods:
+        raise ValueError("the label tree selects no regressed module")
+    dims = {l.input_group: l.d_in for l in mods}
+    if isinstance(states, GramState):
+        stacked = states
+    else:
+        states = list(states)
+        if not states or not all(isinstance(s, GramState) for s in states):
+            raise ValueError("states must be a GramState with a leading task axis or a non-empty "
+                             f"sequence of GramState, got {type(states).__name__}")
+        for k, s in enumerate(states):
+            missing = sorted(set(dims) - set(s.sums))
+            if missing:
+                raise ValueError(f"state {k} has no accumulator for input groups {missing[:5]}")
+        stacked = GramState({g: jnp.stack([s.sums[g] for s in states]) for g in dims},
+                            {g: jnp.stack([jnp.asarray(s.counts[g]) for s in states]) for g in dims})
+    missing = sorted(set(dims) - set(stacked.sums))
+    if missing:
+        raise ValueError(f"the states have no accumulator for input groups {missing[:5]}")
+    k = None
+    for g, d in dims.items():
+        shape = tuple(jnp.shape(stacked.sums[g]))
+        if len(shape) != 3 or shape[1:] != (d, d) or tuple(jnp.shape(stacked.counts[g])) != shape[:1]:
+            raise ValueError(f"input group {g!r}: sums {shape} / counts {tuple(jnp.shape(stacked.counts[g]))}, "
+                             f"expected [K, {d}, {d}] / [K] (d_in of its modules)")
+        if k is None:
+            k = shape[0]
+        elif shape[0] != k:
+            raise ValueError(f"input group {g!r} has {shape[0]} tasks, others {k}")
+    state = GramState({g: stacked.sums[g] for g in dims}, {g: stacked.counts[g] for g in dims})
+    counts = jnp.stack([state.counts[g] for g in dims])                          # [groups, K]
+    if isinstance(counts, jax.core.Tracer):
+        fewest = jnp.min(counts, axis=0)
+        num_tokens = {t: fewest[t] for t in range(k)}
+    else:
+        host = jax.device_get(counts)                  # eager: one transfer of the row counts
+        for (g, row) in zip(dims, host):
+            empty = [t for t, n in enumerate(row) if float(n) <= 0]
+            if empty:
+                raise ValueError(f"input group {g!r} saw no (unmasked) activation row for tasks {empty[:5]}: "
+                                 "cannot form its Gram")
+        num_tokens = {t: float(min(row[t] for row in host)) for t in range(k)}
+    dense = {g: state.sums[g] / state.counts[g][:, None, None] for g in dims}
+    return Grams(dense, {l.path: l.input_group for l in mods}, kind="activations", num_tokens=num_tokens)
 
 
 def activations(model, params_per_task: Sequence[PyTree], batches_per_task: Sequence[Iterable],
@@ -220,4 +302,4 @@ def activations(model, params_per_task: Sequence[PyTree], batches_per_task: Sequ
 
 
 __all__ = ["GramState", "init", "update", "finalize", "gram_sum", "gram_from_activations",
-           "capture_inputs", "activations"]
+           "capture_inputs", "capture", "from_states", "activations"]
