@@ -221,6 +221,46 @@ def test_nnx_merge_example(tmp_path):
     assert f["bmm"] > f["task_arithmetic"] + 0.05
 
 
+def test_readme_training_loop_snippet_runs(tiny):
+    """The README's "Inside your training loop" code, its ``...`` filled by an optax update, runs:
+    three steps, the third merges, with the Grams of the three training forward passes (checked
+    against Grams from the numpy forward pass of the params each step trained)."""
+    import optax
+    model, apply, base, experts, batches, labels = tiny
+    readme = open(os.path.join(REPO, "README.md")).read().split("## Inside your training loop", 1)[1]
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    filler = "    ...                                                          # optax update, vmapped"
+    assert filler in code
+    code = code.replace(filler, "    u, opt_state = jax.vmap(opt.update)(g, opt_state, experts)\n"
+                                "    experts = jax.vmap(optax.apply_updates)(experts, u)")
+    K, opt = 3, optax.sgd(0.05)
+    ns = {"jax": jax, "jnp": jnp, "optax": optax, "bmm_jax": bmm_jax, "apply_fn": apply, "labels": labels,
+          "base": base, "K": K, "opt": opt,
+          "loss_fn": lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()}
+    exec(code, ns)
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *experts)
+    opt_state = jax.vmap(opt.init)(stacked)
+    gram_state = jax.vmap(lambda _: G.init({"mlp_in/kernel": 4, "mlp_out/kernel": 5}))(jnp.arange(K))
+    x, y = batches[:, 0], jnp.zeros((K, 7), jnp.int32)
+    trained = []                                                   # params each step's forward pass saw
+    for i in range(3):
+        trained.append([jax.tree_util.tree_map(lambda a, k=k: np.asarray(a[k]), stacked) for k in range(K)])
+        stacked, opt_state, gram_state, merged = ns["step"](stacked, opt_state, gram_state, x, y, i == 2)
+        if i < 2:
+            np.testing.assert_array_equal(np.asarray(merged["mlp_in"]["kernel"]), base["mlp_in"]["kernel"])
+    grams = {"mlp_in/kernel": [], "mlp_out/kernel": []}
+    for k in range(K):
+        rows = [_np_forward(trained[i][k], x[k].astype(np.float64)) for i in range(3)]
+        a, h = np.concatenate([r[1] for r in rows]), np.concatenate([r[2] for r in rows])
+        grams["mlp_in/kernel"].append(a.T @ a / len(a))
+        grams["mlp_out/kernel"].append(h.T @ h / len(h))
+    grams = {g: np.stack(v).astype(np.float32) for g, v in grams.items()}
+    ex = [jax.tree_util.tree_map(lambda a, k=k: a[k], stacked) for k in range(K)]
+    want = bmm_jax.merge(base, ex, "task_arithmetic", grams, {"rho": 0.01}, labels=labels).params
+    for got, ref in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- set-up commands
 def test_ci_runs_the_readme_test_command():
     readme = open(os.path.join(REPO, "README.md")).read()
