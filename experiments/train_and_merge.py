@@ -11,13 +11,13 @@ the adamw update over them.
 The same forward pass that computes the loss also captures the input of every regressed module
 (:func:`bmm_jax.grams.capture` inside ``jax.value_and_grad(..., has_aux=True)``) and adds it to a
 per-expert activation Gram accumulator (:func:`bmm_jax.grams.update`, ``vmap``ped). Every
-``--merge-every`` steps the step is compiled with ``merge=True`` (a static argument): after the
-update it turns the accumulator states into :class:`bmm_jax.grams.Grams`
+``--merge-every`` steps the same compiled step (its ``merge_now`` flag, a traced bool, selects a
+``lax.cond`` branch) also turns the accumulator states into :class:`bmm_jax.grams.Grams`
 (:func:`bmm_jax.grams.from_states`), merges the experts with :func:`bmm_jax.merge` (Task
 Arithmetic anchor, activation Grams) and, for comparison, with data-free Grams and plain Task
 Arithmetic, evaluates every model on held-out data of every task, and resets the accumulator:
-the merge sees the activations of the last window of training. Everything runs in one compiled
-call; only the metrics leave the device.
+the merge sees the activations of the last window of training. The step is compiled once; only
+the metrics leave the device.
 
 Heads are task-specific (as in model-merging benchmarks): the merged trunk is evaluated on task t
 with expert t's head. The printed table gives, averaged over tasks: the base (its trunk with
