@@ -1,6 +1,8 @@
-"""Tests of bmm_jax.experiment: tables against hand-computed numbers, config validation, and an
-end-to-end run on a tiny fake benchmark (random 2-layer BERT, in-memory token-id data), checked
-against independent recomputations with bmm_jax.anchors / bmm_jax.merge / bmm_jax.evaluate."""
+"""Tests of bmm_jax.experiment: tables, paired bootstrap intervals and temperature selection
+against hand-computed numbers and brute force, config validation, and end-to-end runs on a tiny fake
+benchmark (random 2-layer BERT, in-memory token-id data) -- the methods table with sampled BMM rows,
+the ablations and the few-shot curve -- checked against independent recomputations with
+bmm_jax.anchors / bmm_jax.merge / bmm_jax.evaluate / numpy."""
 from __future__ import annotations
 
 import json
@@ -112,6 +114,11 @@ def test_summarize_and_table_hand_computed():
     (dict(scale_grids={"wudi": (1.0,)}), "no scale"),
     (dict(scale_grids={"tsv": (0.0,)}), "positive"),
     (dict(benchmark="cifar10"), "unknown benchmark"),
+    (dict(head="trained"), "head"),
+    (dict(sample_draws=-1), "sample_draws"),
+    (dict(sample_temperatures=(0.1, 0.01)), "ascending"),
+    (dict(sample_temperatures=(0.0, 0.1)), "positive"),
+    (dict(sample_rows=("tsv",)), "anchor/gram/hparams"),
 ])
 def test_bad_configs(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -127,59 +134,217 @@ def test_presets():
     f = X.preset("full", benchmark="effnet4")
     assert f.seeds == (0, 1, 2) and f.name == "effnet4-full" and f.baselines == X.BASELINES
     assert f.bmm_anchors == ("task_arithmetic", "ties", "tsv", "wudi") and f.bmm_hparams == ("shared", "module")
+    assert f.sample_draws == 0 and f.resolved_head == "frozen"
+    p = X.preset("paper", benchmark="effnet4")
+    assert p.name == "effnet4-paper" and p.module_trials == 50 and p.validation_examples == 128
+    assert p.sample_draws == 8 and p.bmm_hparams == ("module",) and p.resolved_head == "frozen"
+    assert p.samples("tsv", "activations", "module") and not f.samples("tsv", "activations", "module")
+    assert X.preset("paper", sample_rows=("*/activations/*",)).samples("ties", "activations", "module")
+    assert not X.preset("paper", sample_rows=("*/activations/*",)).samples("ties", "data_free", "module")
+    assert X.preset("full", head="lpft").protocol()["finetune"]["head"] == "lpft"
+
+
+def test_calibration_table_hand_computed():
+    k = X.MethodKey("bmm", "tsv", "data_free", "module")
+    recs = [X.record(k, 0, "a", "test", {"accuracy": 0.5, "nll": 0.7, "brier": 0.6, "ece": 0.1}, "frozen"),
+            X.record(k, 0, "b", "test", {"accuracy": 0.7, "nll": 0.5, "brier": 0.4, "ece": 0.3}, "frozen"),
+            X.record(k, 1, "a", "test", {"accuracy": 0.6, "nll": 0.9, "brier": 0.5, "ece": 0.2}, "frozen"),
+            X.record(k, 1, "b", "test", {"accuracy": 0.8, "nll": 0.7, "brier": 0.3, "ece": 0.2}, "frozen")]
+    assert list(recs[0]) == list(X.RECORD_KEYS) and recs[0]["head"] == "frozen"
+    table = X.format_calibration_table(recs)
+    # per-seed task means: acc 0.6 / 0.7, nll 0.6 / 0.8, brier 0.5 / 0.4, ece 0.2 / 0.2
+    row = [l for l in table.splitlines() if l.startswith("| BMM")][0]
+    assert row == "| BMM (TSV-M, data-free, module) | 65.0 ± 7.1 | 0.700 ± 0.141 | 0.450 ± 0.071 | 20.0 ± 0.0 |"
+    assert X.format_calibration_table(_recs()).count("\n") == 1          # no calibration metrics: header only
+
+
+# ----------------------------------------------------------------------------- paired bootstrap
+def test_paired_bootstrap_exact_cases():
+    from bmm_jax.experiment import paired as P
+    ones = {0: {"a": np.ones(30), "b": np.ones(10)}}
+    overall, per_seed = P.paired_bootstrap(ones, num_resamples=200)
+    assert overall == (1.0, 1.0, 1.0) and per_seed[0] == (1.0, 1.0, 1.0)
+    # no within-seed noise: the two-level bootstrap resamples the seeds only; the mean of 3 draws
+    # from {0.1, 0.2, 0.3} has an exactly known distribution (27 equally likely triples)
+    const = {s: {"t": np.full(7, v)} for s, v in ((0, 0.1), (1, 0.2), (2, 0.3))}
+    overall, per_seed = P.paired_bootstrap(const, num_resamples=20000, seed=1)
+    assert overall.mean == pytest.approx(0.2) and per_seed[1] == pytest.approx((0.2, 0.2, 0.2))
+    exact = np.sort([np.mean(t) for t in __import__("itertools").product((0.1, 0.2, 0.3), repeat=3)])
+    lo, hi = exact[int(np.floor(0.025 * 26))], exact[int(np.ceil(0.975 * 26))]
+    assert overall.low == pytest.approx(lo, abs=1e-9) and overall.high == pytest.approx(hi, abs=1e-9)
+
+
+def test_paired_bootstrap_matches_index_resampling():
+    """The multinomial shortcut for {-1, 0, 1} differences against brute-force index resampling,
+    and the float path against the normal approximation of the mean."""
+    from bmm_jax.experiment import paired as P
+    rng = np.random.default_rng(0)
+    d = rng.choice([-1, 0, 1], p=[0.2, 0.5, 0.3], size=60).astype(np.int8)
+    fast = P.task_resamples(d, 40000, np.random.default_rng(1))
+    brute = d[np.random.default_rng(2).integers(0, d.size, size=(40000, d.size))].mean(1)
+    for q in (0.025, 0.25, 0.5, 0.75, 0.975):
+        assert np.quantile(fast, q) == pytest.approx(np.quantile(brute, q), abs=1.5 / d.size)
+    assert fast.std() == pytest.approx(d.std() / np.sqrt(d.size), rel=0.03)
+    x = rng.standard_normal(400)
+    res = P.task_resamples(x, 4000, np.random.default_rng(3))
+    assert res.mean() == pytest.approx(x.mean(), abs=0.01) and res.std() == pytest.approx(
+        x.std() / np.sqrt(400), rel=0.06)
+    # one seed: the overall interval is the within-seed one
+    overall, per_seed = P.paired_bootstrap({5: {"t": d}}, num_resamples=4000, seed=4)
+    assert overall.mean == pytest.approx(d.mean()) and per_seed[5].mean == pytest.approx(d.mean())
+    assert overall.low == pytest.approx(per_seed[5].low, abs=2.5 / d.size)
+
+
+def test_paired_table_says_where_zero_is_inside():
+    from bmm_jax.experiment import paired as P
+    a = X.MethodKey("task_arithmetic")
+    k1, k2 = X.MethodKey("bmm", "task_arithmetic", "activations", "module"), X.MethodKey(
+        "bmm", "task_arithmetic", "data_free", "module")
+    good = P.compare({0: {"t": np.ones(50, bool)}}, {0: {"t": np.zeros(50, bool)}}, k1, a)
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.5
+    same = P.compare({0: {"t": y}, 1: {"t": y}}, {0: {"t": y[::-1]}, 1: {"t": y[::-1]}}, k2, a)
+    assert not good.overall.includes_zero and good.verdict == "better"
+    assert same.overall.includes_zero and same.verdict.startswith("includes 0")
+    table = P.format_paired_table([good, same])
+    assert "| BMM (TA, act, module) | Task Arithmetic | +100.00 | [+100.00, +100.00] |" in table
+    assert "**yes**" in table and "no (better)" in table
+    assert "includes zero for 1** (no significant difference: BMM (TA, data-free, module) vs Task Arithmetic)" in table
+    with pytest.raises(ValueError, match="not the same examples"):
+        P.compare({0: {"t": np.ones(3, bool)}}, {0: {"t": np.ones(4, bool)}}, k1, a)
+
+
+def test_select_temperature():
+    from bmm_jax.experiment.sampling import select_temperature
+    calls = []
+
+    def f(t):
+        calls.append(t)
+        return (np.log10(t) + 2.0) ** 2, {"t": t}
+    res = select_temperature(f, (1e-4, 1e-3, 1e-2, 1e-1, 1.0), point_value=10.0)
+    assert res.best == pytest.approx(1e-2) and res.details[res.best] == {"t": res.best}
+    # walked up to 1e-1 and 1 (two worse in a row, then stop), refined around 1e-2 by sqrt(10)
+    assert calls == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e-2 / np.sqrt(10), 1e-2 * np.sqrt(10)])
+    assert list(res.values) == sorted(res.values) and res.values[0.0] == 10.0
+    calls.clear()
+    worse = select_temperature(lambda t: (1.0 + t, None), (1e-3, 1e-2, 1e-1), point_value=0.5, refine=False)
+    assert worse.best == 0.0 and calls == [] and list(worse.values) == [0.0, 1e-3, 1e-2]   # patience 2
+    with pytest.raises(ValueError, match="ascending"):
+        select_temperature(f, (1e-2, 1e-3), point_value=1.0)
+
+
+def test_data_free_group_grams_against_numpy():
+    from bmm_jax.experiment.ablations import data_free_group_grams
+    ad = tiny_adapter()
+    rng = np.random.default_rng(0)
+    base = ad.params
+    experts = [__import__("jax").tree_util.tree_map(
+        lambda x: np.asarray(x) + 0.01 * rng.standard_normal(np.shape(x)).astype(np.float32), base) for _ in range(3)]
+    g = data_free_group_grams(base, experts, ad.labels)
+    att = "encoder/layer/0/attention/self"
+    t = lambda e, m: np.asarray(e["encoder"]["layer"]["0"]["attention"]["self"][m]["kernel"], np.float64) - \
+        np.asarray(base["encoder"]["layer"]["0"]["attention"]["self"][m]["kernel"], np.float64)   # noqa: E731
+    for k, e in enumerate(experts):
+        tk = np.concatenate([t(e, m) for m in ("query", "key", "value")], axis=1)
+        ref = tk @ tk.T / np.sum(tk ** 2)
+        for m in ("query", "key", "value"):
+            np.testing.assert_allclose(np.asarray(g[f"{att}/{m}/kernel"][k]), ref, rtol=2e-4, atol=1e-6)
+    out = "encoder/layer/0/attention/output/dense/kernel"     # a module alone in its input group: per module
+    to = np.asarray(experts[1]["encoder"]["layer"]["0"]["attention"]["output"]["dense"]["kernel"], np.float64) - \
+        np.asarray(base["encoder"]["layer"]["0"]["attention"]["output"]["dense"]["kernel"], np.float64)
+    np.testing.assert_allclose(np.asarray(g[out][1]), to @ to.T / np.sum(to ** 2), rtol=2e-4, atol=1e-6)
+
+
 
 
 # ----------------------------------------------------------------------------- end to end
+def _ta(base, experts, c):
+    """Task Arithmetic with coefficient ``c`` (``anchor_scale=``, or ``scale=`` before the rename)."""
+    import inspect
+    from bmm_jax import anchors
+    kw = "anchor_scale" if "anchor_scale" in inspect.signature(anchors.task_arithmetic).parameters else "scale"
+    return anchors.task_arithmetic(base, experts, **{kw: c})
+
+
+def _np_metrics(logits: np.ndarray, y: np.ndarray, bins: int = 15) -> dict:
+    """float64 numpy accuracy / NLL / Brier / ECE of the mean softmax of ``logits [M, N, C]``."""
+    lg = logits - logits.max(-1, keepdims=True)
+    p = (np.exp(lg) / np.exp(lg).sum(-1, keepdims=True)).mean(0)
+    n = len(y)
+    conf, pred = p.max(1), p.argmax(1)
+    ece = sum(((conf > b / bins) & (conf <= (b + 1) / bins)).sum() / n
+              * abs(np.mean((pred == y)[(conf > b / bins) & (conf <= (b + 1) / bins)])
+                    - conf[(conf > b / bins) & (conf <= (b + 1) / bins)].mean())
+              for b in range(bins) if ((conf > b / bins) & (conf <= (b + 1) / bins)).any())
+    return {"accuracy": np.mean(pred == y), "nll": -np.mean(np.log(p[np.arange(n), y])),
+            "brier": np.mean(((p - np.eye(p.shape[1])[y]) ** 2).sum(1)), "ece": ece}
+
+
 def test_run_experiment_tiny(tmp_path, tmp_path_factory):
+    import jax
+
     import bmm_jax
-    from bmm_jax import anchors, grams
-    from bmm_jax.evaluate import evaluate
+    from bmm_jax import grams
+    from bmm_jax.evaluate import evaluate, task_logits
+    from bmm_jax.experiment.sampling import sample_key
     from bmm_jax.experts import build_experts
 
+    sampled_row = "task_arithmetic/data_free/shared"
     cfg = X.ExperimentConfig(
         benchmark=TINY_SPEC, seeds=(0,), baselines=("pretrained", "expert", "task_arithmetic", "regmean"),
         bmm_anchors=("task_arithmetic",), bmm_grams=("data_free", "activations"), bmm_hparams=("shared", "module"),
         scale_grids={"task_arithmetic": (0.2, 0.6, 1.0)}, cache_dir=tiny_cache(tmp_path_factory),
+        sample_draws=2, sample_rows=(sampled_row,), sample_temperatures=(1e-3, 1e-1), bootstrap_resamples=300,
         run_dir=str(tmp_path / "run"), name="tiny", **FAST)
     res = X.run_experiment(cfg)
 
-    # --- files and record schema
-    for kind in ("records", "records_csv", "summary_csv", "table", "details", "plot_tasks", "plot_normalized"):
+    # --- files and record schema: every record has the calibration metrics and the head protocol
+    for kind in ("records", "records_csv", "summary_csv", "table", "details", "plot_tasks", "plot_normalized",
+                 "calibration", "paired", "paired_json", "plot_reliability"):
         assert os.path.getsize(res.files[kind]) > 0, kind
     recs = json.load(open(res.files["records"]))
     assert recs == res.records
     assert all(list(r) == list(X.RECORD_KEYS) for r in recs)
+    assert all(r["head"] == "frozen" and all(isinstance(r[m], float) for m in ("accuracy", "nll", "brier", "ece"))
+               for r in recs)
     keys = {(r["method"], r["anchor"], r["gram"], r["hparams"]) for r in recs}
     assert keys == {("pretrained", None, None, None), ("expert", None, None, None),
-                    ("task_arithmetic", None, None, None), ("regmean", None, "activations", None)} | {
+                    ("task_arithmetic", None, None, None), ("regmean", None, "activations", None),
+                    ("bmm_sampled", "task_arithmetic", "data_free", "shared")} | {
         ("bmm", "task_arithmetic", g, h) for g in ("data_free", "activations") for h in ("shared", "module")}
     assert len(recs) == len(keys) * 2 * 2          # x tasks x splits
     assert {r["split"] for r in recs} == {"test", "validation"} and {r["seed"] for r in recs} == {0}
-    assert all(0.0 <= r["accuracy"] <= 1.0 and isinstance(r["accuracy"], float) for r in recs)
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["nll"] > 0 and 0 <= r["ece"] <= 1 for r in recs)
     table = open(res.files["table"]).read()
-    assert "| BMM (TA, act, module) |" in table and "| Individual experts |" in table
+    for phrase in ("| BMM (TA, act, module) |", "| Individual experts |", "| BMM-sampled (TA, data-free, shared) |",
+                   "frozen linear-probe head", "Calibration on test", "interval includes 0?"):
+        assert phrase in table, phrase
     assert not [f for f in os.listdir(res.run_dir) if f.endswith(".tmp")]
 
     # --- independent recomputation: experts (reused from the cache), anchor scale chosen on validation
     bench = build_experts(TINY_SPEC, cache_dir=cfg.cache_dir, seed=0, progress=False)
-    ev = lambda p, split: evaluate(bench.adapter, p, bench.heads, ["a", "b"], split=split, batch_size=24,
+    ev = lambda p, split: evaluate(bench.adapter, p, bench.heads, ["a", "b"], split=split, batch_size=24,  # noqa: E731
                                    max_examples=16 if split == "validation" else None, load=tiny_load)
-    acc = {(r["method"], r["anchor"], r["gram"], r["hparams"], r["task"], r["split"]): r["accuracy"] for r in recs}
-    val = {c: np.mean(list(ev(anchors.task_arithmetic(bench.base_params, bench.expert_params, scale=c),
-                              "validation").values())) for c in (0.2, 0.6, 1.0)}
+    rec = {(r["method"], r["anchor"], r["gram"], r["hparams"], r["task"], r["split"]): r for r in recs}
+    acc = {k: r["accuracy"] for k, r in rec.items()}
+    val = {c: np.mean(list(ev(_ta(bench.base_params, bench.expert_params, c), "validation").values()))
+           for c in (0.2, 0.6, 1.0)}
     best_c = max(val, key=lambda c: (val[c], -c))   # first maximum in grid order
     info = res.details["seeds"]["0"]["methods"]
     assert info["task_arithmetic"]["scale"] == best_c
     assert info["task_arithmetic"]["grid_edge"] == (best_c in (0.2, 1.0))
-    ta = anchors.task_arithmetic(bench.base_params, bench.expert_params, scale=best_c)
-    for t, a in ev(ta, "test").items():
-        assert acc[("task_arithmetic", None, None, None, t, "test")] == pytest.approx(a, abs=1e-9)
+    ta = _ta(bench.base_params, bench.expert_params, best_c)
+    for t, (lg, y) in task_logits(bench.adapter, ta, bench.heads, ["a", "b"], "test", load=tiny_load).items():
+        ref = _np_metrics(np.asarray(lg, np.float64)[None], y)
+        for m, v in ref.items():
+            assert rec[("task_arithmetic", None, None, None, t, "test")][m] == pytest.approx(v, rel=1e-4, abs=1e-6), m
     e0 = evaluate(bench.adapter, bench.expert_params[1], bench.heads, ["b"], split="test", load=tiny_load)["b"]
     assert acc[("expert", None, None, None, "b", "test")] == pytest.approx(e0)
     probe = evaluate(bench.adapter, bench.base_params, bench.probe_heads, ["a"], split="test", load=tiny_load)["a"]
     assert acc[("pretrained", None, None, None, "a", "test")] == pytest.approx(probe)
 
     # --- BMM: never below its anchor on validation; test accuracy = bmm_jax.merge with the found hparams
+    gr = grams.data_free(bench.base_params, bench.expert_params, bench.adapter.labels)
     for g in ("data_free", "activations"):
         for h in ("shared", "module"):
             m = info[f"bmm-task_arithmetic-{g}-{h}"]
@@ -188,21 +353,102 @@ def test_run_experiment_tiny(tmp_path, tmp_path_factory):
             assert bval >= aval - 1e-12 and m["anchor_scale"] == best_c
             assert m["grouping"] == ("global" if h == "shared" else "type")
             if g == "data_free" and not m["kept_anchor"]:
-                gr = grams.data_free(bench.base_params, bench.expert_params, bench.adapter.labels)
                 merged, _ = bmm_jax.merge(bench.base_params, bench.expert_params, ta, gr, m["hparams"],
-                                          bench.adapter.labels)
+                                          labels=bench.adapter.labels)
                 for t, a in ev(merged, "test").items():
                     assert acc[("bmm", "task_arithmetic", g, h, t, "test")] == pytest.approx(a, abs=1e-9)
+
+    # --- the sampled row: temperature = argmin of validation NLL (0 = the point estimate); test
+    # metrics = those of the mean softmax of the draws, each member evaluated separately
+    s = info["bmm_sampled-task_arithmetic-data_free-shared"]
+    nlls = {float(t): v for t, v in s["validation_nll"].items()}
+    assert set(nlls) >= {0.0, 1e-3} and s["temperature"] == min(nlls, key=lambda t: (nlls[t], t))
+    point_val_nll = np.mean([rec[("bmm", "task_arithmetic", "data_free", "shared", t, "validation")]["nll"]
+                             for t in "ab"])
+    assert nlls[0.0] == pytest.approx(point_val_nll)
+    prep = bmm_jax.prepare(bench.base_params, bench.expert_params, ta, gr, labels=bench.adapter.labels)
+    temp = s["temperature"]
+    draws = (prep.sample(sample_key(0, 0, "bmm_sampled-task_arithmetic-data_free-shared"), 2, s["point_hparams"],
+                         temperature=temp) if temp > 0 else None)
+    members = ([prep.params(s["point_hparams"])] if draws is None else
+               [jax.tree_util.tree_map(lambda x, i=i: x[i], draws) for i in range(2)])
+    for t in "ab":
+        lg = [task_logits(bench.adapter, p, bench.heads, [t], "test", load=tiny_load)[t] for p in members]
+        ref = _np_metrics(np.stack([np.asarray(l, np.float64) for l, _ in lg]), lg[0][1])
+        for m, v in ref.items():
+            got = rec[("bmm_sampled", "task_arithmetic", "data_free", "shared", t, "test")][m]
+            assert got == pytest.approx(v, rel=1e-4, abs=1e-6), (t, m)
+
+    # --- paired comparisons: the point estimate of BMM vs its anchor is the mean of per-task differences
+    comps = {(c.key.slug, c.reference.slug): c for c in res.paired}
+    assert set(comps) == {(f"bmm-task_arithmetic-{g}-{h}", "task_arithmetic") for g in ("data_free", "activations")
+                          for h in ("shared", "module")} | {
+        ("bmm_sampled-task_arithmetic-data_free-shared", "task_arithmetic"),
+        ("bmm_sampled-task_arithmetic-data_free-shared", "bmm-task_arithmetic-data_free-shared")}
+    c = comps[("bmm-task_arithmetic-activations-module", "task_arithmetic")]
+    diff = np.mean([acc[("bmm", "task_arithmetic", "activations", "module", t, "test")]
+                    - acc[("task_arithmetic", None, None, None, t, "test")] for t in "ab"])
+    assert c.overall.mean == pytest.approx(diff) and c.overall.low <= diff <= c.overall.high
+    assert c.num_examples == {0: 2 * SIZES["test"]}
+    assert json.load(open(res.files["paired_json"]))[0]["includes_zero"] in (True, False)
 
     # --- rerun in the same directory: resumes, nothing recomputed; another protocol is refused
     import bmm_jax.evaluate as E
     calls = []
-    orig = E.evaluate
-    E.evaluate = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    orig = E.task_log_probs
+    E.task_log_probs = lambda *a, **k: calls.append(1) or orig(*a, **k)
     try:
         res2 = X.run_experiment(cfg)
     finally:
-        E.evaluate = orig
+        E.task_log_probs = orig
     assert calls == [] and res2.records == res.records
+    # other draw settings recompute the sampled row only
+    E.task_log_probs = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        res3 = X.run_experiment(cfg.replace(sample_temperatures=(1e-2,)))
+    finally:
+        E.task_log_probs = orig
+    assert calls and [r for r in res3.records if r["method"] != "bmm_sampled"] == [
+        r for r in res.records if r["method"] != "bmm_sampled"]
     with pytest.raises(ValueError, match="another experiment protocol"):
         X.run_experiment(cfg.replace(module_trials=3))
+
+
+def test_ablations_and_fewshot_tiny(tmp_path, tmp_path_factory):
+    cfg = X.ExperimentConfig(benchmark=TINY_SPEC, seeds=(0,), scale_grids={"task_arithmetic": (0.5,)},
+                             cache_dir=tiny_cache(tmp_path_factory), run_dir=str(tmp_path / "run"), name="tiny",
+                             **{**FAST, "plots": True})
+    res = X.run_ablations(cfg, gram="data_free", trials=2, budget_trials=3, rho_sweep=(1e-6, 1.0, 1e4))
+    recs = json.load(open(res.files["json"]))["records"]
+    assert recs == res.records
+    got = {(r["ablation"], r["setting"], r["x"]) for r in recs}
+    for a, setting in (("prior", "ρ → ∞ (anchor)"), ("prior", "searched"), ("grouping", "module"),
+                       ("grouping", "block"), ("rho_only", "ρ only (s = 1)"), ("prior_kind", "diagonal"),
+                       ("gram_grouping", "per input group (fused q/k/v)")):
+        assert (a, setting, None) in got, (a, setting)
+    assert {x for (a, _, x) in got if a == "budget"} == {0, 1, 2, 3}
+    for ab in ("prior", "grouping", "budget", "rho_only", "prior_kind", "gram_grouping"):
+        assert os.path.getsize(res.files[f"plot_{ab}"]) > 0 and f"## " in res.table
+    r = {(x["ablation"], x["setting"], x["x"], x["split"]): x for x in recs}
+    # the anchor item is the anchor; rho = 1e4 (s = 1) is the anchor up to ~1e-4 relative: same accuracy
+    assert r[("prior", "one shared ρ, s = 1", 1e4, "test")]["accuracy"] == pytest.approx(
+        r[("prior", "ρ → ∞ (anchor)", None, "test")]["accuracy"])
+    # the budget curve: best validation value is non-decreasing; n = 0 is the anchor
+    curve = [r[("budget", "type grouping", n, "validation")]["accuracy"] for n in range(4)]
+    assert curve == sorted(curve) and r[("budget", "type grouping", 0, "validation")]["incumbent"] == 0
+    assert curve[0] == pytest.approx(r[("prior", "ρ → ∞ (anchor)", None, "validation")]["accuracy"])
+    # ρ only: every searched scale is 1 (to the box width)
+    item = json.load(open(os.path.join(cfg.resolved_run_dir, "seed0", "ablations", "items.json")))["items"]
+    hp = item["search|task_arithmetic-data_free-isotropic-type-2-rho_only"]["info"]["hparams"]
+    assert hp is None or all(abs(v["scale"] - 1.0) <= 1e-6 for v in hp.values())
+    # a rerun reads the stored items
+    again = X.run_ablations(cfg, gram="data_free", trials=2, budget_trials=3, rho_sweep=(1e-6, 1.0, 1e4))
+    assert again.records == res.records
+
+    fs = X.run_fewshot(cfg, shots=(1, 4), grouping="global", trials=2)
+    recs = fs.records
+    hyb = [x for x in recs if x["setting"] == "hybrid (β searched)"]
+    assert {x["x"] for x in hyb} == {1, 4} and all(x["beta"] is None or 0 <= x["beta"] <= 1 for x in hyb)
+    assert {x["setting"] for x in recs if x["x"] is None} == {"data-free Grams",
+                                                             "activation Grams (12 inputs per task)"}
+    assert os.path.getsize(fs.files["plot_fewshot"]) > 0 and "Few-shot hybrid Grams" in fs.table
