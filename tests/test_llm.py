@@ -41,9 +41,34 @@ KV = {"llama": 2 * 8, "mistral": 2 * 8, "gemma": 1 * 8}        # n_kv_heads * he
 PAD = 0
 
 
+def _random_params(family, shapes, seed=3):
+    """Random params for a shape tree (numpy: no init compilation): kernels and embeddings
+    N(0, 0.1^2), biases N(0, 0.02^2), norm weights 1 + N(0, 0.1^2) (Gemma's RMSNorm scales by
+    1 + weight: N(0, 0.1^2))."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, sds):
+        name = path[-1].key
+        z = rng.standard_normal(sds.shape).astype(np.float32)
+        if name in ("kernel", "embedding"):
+            v = 0.1 * z
+        elif name == "bias":
+            v = 0.02 * z
+        else:
+            v = 0.1 * z + (0.0 if family == "gemma" else 1.0)
+        return jnp.asarray(v, sds.dtype)
+    params = jax.tree_util.tree_map_with_path(leaf, shapes)
+    return tie_word_embeddings(params) if CFG[family].get("tie_word_embeddings") else params
+
+
 @pytest.fixture(scope="module")
 def models():
-    return {f: load_hf_model(f, config=c, seed=3) for f, c in CFG.items()}
+    out = {}
+    for f, c in CFG.items():
+        model, shapes = load_hf_model(f, config=c, init=False)
+        assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(shapes))
+        out[f] = (model, _random_params(f, shapes))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +206,7 @@ def test_labels_from_safetensors(tmp_path, adapters):
 
 
 # ----------------------------------------------------------------------------- models
-@pytest.mark.parametrize("family", list(CFG))
+@pytest.mark.parametrize("family", ["llama", "gpt2_lm"])
 def test_pytorch_checkpoint_loads_back(tmp_path, models, family):
     """torch_state_dict writes the names and layouts transformers' PyTorch -> Flax loader expects
     (the tied Llama head is omitted and restored from the embedding)."""
@@ -202,9 +227,11 @@ def test_llama_tied_head_and_mistral_window(models):
     # Mistral without a sliding window is Llama: same params, same logits (FlaxMistral with
     # sliding_window=None would attend to the diagonal only)
     mm, mp = models["mistral"]
-    lm, _ = load_hf_model("llama", config={**CFG["llama"], "tie_word_embeddings": False}, seed=0)
+    import transformers
     b = _batch(1)
     with jax.numpy_dtype_promotion("standard"):
+        lm = transformers.FlaxLlamaForCausalLM(
+            transformers.LlamaConfig(**{**CFG["llama"], "tie_word_embeddings": False}), _do_init=False)
         a = lm(b["input_ids"], attention_mask=b["attention_mask"], params=mp).logits
         m = mm(b["input_ids"], attention_mask=b["attention_mask"], params=mp).logits
     assert mm.config.sliding_window == 64
@@ -265,9 +292,11 @@ def _reference_grams(family, model, params, batches):
             if family == "gpt2_lm":
                 base = f"transformer/h/{b}/"
                 blk = ("h", str(b))
-                k_o = np.asarray(params["transformer"]["h"][str(b)]["attn"]["c_proj"]["kernel"], np.float64).T
+                c_proj = params["transformer"]["h"][str(b)]["attn"]["c_proj"]
+                k_o = np.asarray(c_proj["kernel"], np.float64).T
                 x = {base + "attn/c_attn/kernel": out(*blk, "ln_1"),
-                     base + "attn/c_proj/kernel": out(*blk, "attn", "c_proj") @ np.linalg.inv(k_o),
+                     base + "attn/c_proj/kernel": (out(*blk, "attn", "c_proj") - np.asarray(c_proj["bias"]))
+                     @ np.linalg.inv(k_o),
                      base + "mlp/c_fc/kernel": out(*blk, "ln_2"),
                      base + "mlp/c_proj/kernel": np.asarray(ACT2FN["gelu_new"](jnp.asarray(
                          out(*blk, "mlp", "c_fc"), jnp.float32)), np.float64)}
@@ -312,17 +341,18 @@ def test_activation_grams_match_reference(tmp_path, adapters, models, family):
 
 # ----------------------------------------------------------------------------- merge
 def _experts(params, k=3, eps=0.02):
+    """Base + small random perturbations of every leaf (numpy: no per-shape compilations)."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
     out = []
     for i in range(k):
-        leaves, tree = jax.tree_util.tree_flatten(params)
-        keys = jax.random.split(jax.random.PRNGKey(100 + i), len(leaves))
+        rng = np.random.default_rng(100 + i)
         out.append(jax.tree_util.tree_unflatten(tree, [
-            x + eps * jnp.std(x) * jax.random.normal(kk, x.shape, x.dtype) if x.ndim >= 1 else x
-            for x, kk in zip(leaves, keys)]))
+            jnp.asarray(np.asarray(x) + eps * np.std(np.asarray(x)) * rng.standard_normal(x.shape).astype(np.float32))
+            for x in leaves]))
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2_lm", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "gpt2_lm"])
 def test_merge_three_experts_and_reload(tmp_path, adapters, models, family):
     a = adapters[family]
     model, base = models[family]

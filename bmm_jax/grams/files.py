@@ -24,6 +24,7 @@ import json
 import os
 import struct
 import tempfile
+import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Sequence
 
@@ -397,6 +398,40 @@ def grams_from_state(state: GramState, key_of: Mapping[str, str], *,
     return Grams({g: v[None] for g, v in grams.items()}, dict(key_of), kind=kind, num_tokens={0: tokens})
 
 
+# jitted calibration steps, per (model or apply_fn) -> {(labels id, mask_fn id, jit): (labels, mask_fn, step)}:
+# calling the collector once per task reuses one compilation per batch shape
+_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _calibration_step(model, labels, mask_fn, adapter: bool, jit: bool):
+    key = (id(labels), id(mask_fn), jit)
+    try:
+        per_model = _STEPS.setdefault(model, {})
+    except TypeError:                      # not weak-referenceable: no caching
+        per_model = {}
+    hit = per_model.get(key)
+    if hit is not None and hit[0] is labels and hit[1] is mask_fn:
+        return hit[2]
+    try:                                   # the cached step must not keep the model alive
+        ref = weakref.ref(model)
+    except TypeError:
+        ref = lambda: model                # noqa: E731
+    if adapter:
+        def step(st, p, batch):
+            m = ref()
+            ex = batch.get("example_mask")
+            b = {k: v for k, v in batch.items() if k != "example_mask"}
+            cap = capture_inputs(lambda pp, bb: m.run_module(pp, bb), p, b, labels,
+                                 lambda bb, shape: m.row_mask(shape, bb, ex))
+            return update(st, cap)
+    else:
+        def step(st, p, batch):
+            return update(st, capture_inputs(ref(), p, batch, labels, mask_fn))
+    step = jax.jit(step) if jit else step
+    per_model[key] = (labels, mask_fn, step)
+    return step
+
+
 def accumulate_grams(model, params: PyTree, batches: Iterable, *, labels: PyTree | None = None,
                      mask_fn: Callable | None = None, jit: bool = True, progress: bool = False,
                      state: GramState | None = None) -> tuple[GramState, dict[str, str]]:
@@ -432,20 +467,9 @@ def accumulate_grams(model, params: PyTree, batches: Iterable, *, labels: PyTree
     elif set(state.sums) != set(dims):
         raise ValueError("state holds other input groups than the label tree's")
 
-    if adapter:
-        def step(st, p, batch):
-            ex = batch.get("example_mask")
-            b = {k: v for k, v in batch.items() if k != "example_mask"}
-            cap = capture_inputs(lambda pp, bb: model.run_module(pp, bb), p, b, labels,
-                                      lambda bb, shape: model.row_mask(shape, bb, ex))
-            return update(st, cap)
-    else:
-        if not callable(model):
-            raise TypeError("model must be a ModelAdapter or an apply_fn(params, batch)")
-
-        def step(st, p, batch):
-            return update(st, capture_inputs(model, p, batch, labels, mask_fn))
-    step = jax.jit(step) if jit else step
+    if not adapter and not callable(model):
+        raise TypeError("model must be a ModelAdapter or an apply_fn(params, batch)")
+    step = _calibration_step(model, labels, mask_fn, adapter, jit)
     bar = None
     if progress:
         from tqdm.auto import tqdm

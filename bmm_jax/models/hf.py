@@ -92,7 +92,7 @@ def _tie(family: str, config, params):
 
 
 def load_hf_model(family: str, *, path: str | None = None, config: Any = None, seed: int = 0,
-                  add_pooling_layer: bool | None = None):
+                  add_pooling_layer: bool | None = None, init: bool = True):
     """Load (``path``) or randomly initialise (``config``) a HF Flax model of ``family``.
 
     Args:
@@ -102,6 +102,9 @@ def load_hf_model(family: str, *, path: str | None = None, config: Any = None, s
       config: a ``PretrainedConfig`` of the family or a dict of its fields (random init with
         ``seed``, jitted).
       add_pooling_layer: BERT / RoBERTa / ViT only; ``None`` keeps the family default.
+      init: with ``config``: ``False`` builds the model without initialising it and returns the
+        params' shapes (``jax.ShapeDtypeStruct`` leaves; nothing is computed or allocated), e.g.
+        to label a large model or to fill the params yourself.
 
     Returns:
       ``(model, params)``: the ``FlaxPreTrainedModel`` (its
@@ -153,6 +156,8 @@ def load_hf_model(family: str, *, path: str | None = None, config: Any = None, s
     config = _fix_config(family, config)
     with jax.numpy_dtype_promotion("standard"):
         model = model_cls(config, seed=seed, _do_init=False, **kwargs)
+        if not init:
+            return model, _plain(model.params_shape_tree)
         params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(seed), model.input_shape)
     return model, _tie(family, config, _plain(params))
 
