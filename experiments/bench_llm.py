@@ -574,7 +574,7 @@ def main(argv=None) -> int:
         if s in results["steps"] and not a.force and "skipped" not in results["steps"][s]:
             print(f"{s}: done (use --force to rerun)", flush=True)
             continue
-        print(f"{s}: running", flush=True)
+        print(f"{s}: running (load average {os.getloadavg()[0]:.1f})", flush=True)
         if s == "read":
             r = step_read(cache, logs)
         elif s in OURS:
@@ -584,6 +584,7 @@ def main(argv=None) -> int:
         else:
             r = step_mergekit(cache, s, logs, a.mergekit_wait)
         r["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        r["load_average_after"] = list(os.getloadavg())       # the 2 cores are shared: context for the times
         results["steps"][s] = r
         save(a.out, results)
         print(f"{s}: {json.dumps({k: v for k, v in r.items() if k in ('seconds', 'returncode', 'peak_rss_bytes', 'skipped')})}",

@@ -152,14 +152,28 @@ class _Anchor:
         self.elementwise_carry = True            # every streamable anchor treats non-module leaves elementwise
 
     def __call__(self, name: str, base_leaf, expert_leaves, label: Label):
-        b = {name: base_leaf}
-        es = [{name: e} for e in expert_leaves]
+        b = {KEY: base_leaf}
+        es = [{KEY: e} for e in expert_leaves]
         if self.takes_labels:
-            return self.fn(b, es, labels={name: label}, **self.kw)[name]
-        return self.fn(b, es, **self.kw)[name]
+            return self.fn(b, es, labels={KEY: leaf_label(label)}, **self.kw)[KEY]
+        return self.fn(b, es, **self.kw)[KEY]
 
     def describe(self) -> dict:
         return {"name": self.name, **{k: v for k, v in self.kw.items()}}
+
+
+# Every per-tensor library call sees the one-leaf tree {KEY: array} with a label that depends on the
+# tensor's shape and role only: the same tree structure and static arguments for every tensor of a
+# shape, so jax's trace and compilation caches are hit instead of growing with the tensor names.
+KEY = "w"
+
+
+def leaf_label(label: Label) -> Label:
+    """``label`` for the one-leaf tree ``{KEY: array}`` (path ``KEY``, no block)."""
+    if not label.regressed:
+        return Label(path=KEY, regressed=False)
+    return Label(path=KEY, regressed=True, kind=label.kind, block=None, input_group=KEY, layout=label.layout,
+                 d_in=label.d_in, d_out=label.d_out)
 
 
 def _merge_call():
@@ -388,13 +402,17 @@ class _Merger:
             if self.method == "anchor":
                 return self._out(anchor, t)
             rho, scale = self.hparams[name]
-            res = self.merge_fn({name: b}, [{name: e} for e in es], {name: anchor}, self.grams.module(name, lab),
-                                {"rho": rho, "scale": scale}, labels={name: lab}, carry="anchor", prior=self.prior,
-                                weights=self.weights, **self.merge_extra)
+            g = self.grams.module(name, lab)
+            res = self.merge_fn({KEY: b}, [{KEY: e} for e in es], {KEY: anchor}, None if g is None else {KEY: g},
+                                {"rho": rho, "scale": scale}, labels={KEY: leaf_label(lab)}, carry="anchor",
+                                prior=self.prior, weights=self.weights, **self.merge_extra)
             diag = res.diagnostics["modules"]
-            if name in diag:
-                self.diags[name] = _jsonable(diag[name])
-            return self._out(res.params[name], t)
+            if KEY in diag:
+                d = _jsonable(diag[KEY])
+                if isinstance(d, dict):
+                    d.update(kind=lab.kind, block=lab.block)
+                self.diags[name] = d
+            return self._out(res.params[KEY], t)
         return self._out(self._carried(name, b, es, lab), t)
 
     def _carried(self, name, b, es, lab):
@@ -403,7 +421,7 @@ class _Merger:
             return b
         if mode == "mean":
             from bmm_jax.anchors import average
-            return average({name: b}, [{name: e} for e in es])[name]
+            return average({KEY: b}, [{KEY: e} for e in es])[KEY]
         return self.anchor(name, b, es, Label(path=name, regressed=False, block=lab.block))
 
     def _carried_rows(self, t: _Tensor, rows: int, write) -> None:
