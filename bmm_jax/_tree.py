@@ -117,7 +117,10 @@ def _check_array_like(who: str, path: str, leaf) -> None:
         np.dtype(leaf.dtype)
     except TypeError:
         raise TypeError(f"{who} leaf '{path}' has dtype {leaf.dtype!r}, not a numeric dtype") from None
-    if np.dtype(leaf.dtype).kind not in "biufc" and np.dtype(leaf.dtype).name != "bfloat16":
+    if np.dtype(leaf.dtype).kind == "c":
+        raise TypeError(f"{who} leaf '{path}' has complex dtype {leaf.dtype}: merging is defined on real "
+                        "parameters")
+    if np.dtype(leaf.dtype).kind not in "biuf" and np.dtype(leaf.dtype).name != "bfloat16":
         raise TypeError(f"{who} leaf '{path}' has dtype {leaf.dtype}, not a numeric dtype")
 
 

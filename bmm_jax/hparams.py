@@ -110,6 +110,9 @@ def check_scale(scale: float, what: str) -> None:
         raise ValueError(f"{what} must be finite, got {scale}")
     if scale < 0:
         raise ValueError(f"{what} must be >= 0 (a negative scale reverses the merged update), got {scale}")
+    if scale == 0:
+        warnings.warn(f"{what} = 0: the regressed modules stay at the base (the merged update is scaled "
+                      "away)", stacklevel=3)
     if scale > UNUSUAL_SCALE:
         warnings.warn(f"{what} = {scale} is unusually large (the search space is [0.5, 1.5]); the merge "
                       "extrapolates far beyond the experts", stacklevel=3)

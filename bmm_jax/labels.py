@@ -175,8 +175,8 @@ def build_labels(params: PyTree, *, include: Sequence[str] | None = None,
         p = path_str(path)
         shape = tuple(np.shape(leaf))
         layout = _layout_of(p, shape, transposed)
-        if layout is not None and not _is_float_leaf(leaf):
-            layout = None          # integer (quantised) kernels are carried, never regressed
+        if layout is not None and (not _is_float_leaf(leaf) or 0 in shape):
+            layout = None          # integer (quantised) or empty kernels are carried, never regressed
         selected = layout is not None and not _matches(exclude, p)
         if include is not None:
             selected = layout is not None and _matches(include, p) and not _matches(
@@ -265,6 +265,8 @@ def check_labels(labels: PyTree, params: PyTree, *, name: str = "base") -> list[
         if l.regressed:
             want = expected_shape(l)
             shape = tuple(np.shape(leaf))
+            if l.d_in < 1 or l.d_out < 1:
+                raise ValueError(f"label of leaf '{p}' regresses an empty matrix ({l.d_in} x {l.d_out})")
             if want is None or shape != want:
                 raise ValueError(f"label of leaf '{p}' (layout {l.layout}, {l.d_in} x {l.d_out}) does not "
                                  f"fit its shape {shape}: the label tree was built from other params")

@@ -114,13 +114,27 @@ def module_gram(grams, label: Label, base_leaf, expert_leaves: Sequence, k: int)
     else:
         raise TypeError(f"grams must be a bmm_jax.grams.Grams or a dict {{module path: [K, d_in, d_in]}}, "
                         f"got {type(grams).__name__}")
-    if not hasattr(g, "shape"):
-        g = jnp.asarray(g)
+    g = as_gram_array(g, f"Gram of '{path}'")
     if tuple(g.shape) != (k, label.d_in, label.d_in):
         raise ValueError(f"Gram of '{path}' has shape {tuple(g.shape)}, expected [K, d_in, d_in] = "
                          f"{(k, label.d_in, label.d_in)}")
     _check_float(g, f"Gram of '{path}'")
     return "dense", g
+
+
+def as_gram_array(g, what: str):
+    """``g`` as an array (jax arrays and tracers unchanged); a clear ``TypeError`` for anything else."""
+    if hasattr(g, "shape") and hasattr(g, "dtype"):
+        return g
+    if isinstance(g, (str, bytes, Mapping)) or g is None:
+        raise TypeError(f"{what} must be an array [K, d_in, d_in], got {type(g).__name__}")
+    try:
+        arr = np.asarray(g)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be an array [K, d_in, d_in], got {type(g).__name__}") from None
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{what} must be a real array, got {type(g).__name__} of dtype {arr.dtype}")
+    return jnp.asarray(arr)
 
 
 def _check_float(x, what: str) -> None:
