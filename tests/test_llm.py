@@ -392,3 +392,36 @@ def test_merge_three_experts_and_reload(tmp_path, adapters, models, family):
     with jax.numpy_dtype_promotion("standard"):
         logits2 = m2(b["input_ids"], attention_mask=b["attention_mask"], params=p2).logits
     np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits), rtol=1e-5, atol=1e-5)
+
+
+def test_grams_from_calibration_text(tmp_path, models):
+    """Calibration text through a tokenizer: right- and left-padded batches give the same Grams
+    (padding masked, positions from the mask), equal to the Grams of the token ids themselves."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bmm_jax.grams.files import collect_grams_to_file
+    words = "the cat sat on a mat and dog ran far away from home".split()
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = [["the cat sat on a mat", "a dog ran far away from home and the cat sat", "home"],
+             ["the dog sat", "far away", "a cat ran on the mat and the dog ran home"]]
+    model, params = models["llama"]
+    out = {}
+    for side in ("right", "left"):
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                      unk_token="<unk>", padding_side=side)
+        a = hf_adapter("llama", model=model, params=params, tokenizer=tok, max_length=12)
+        out[side] = collect_grams_to_file(a, params, texts, tmp_path / f"{side}.safetensors", task_name=side)
+        ids = [tok(t, padding="max_length", max_length=12, return_tensors="np") for t in texts]
+        out[side + "-ids"] = collect_grams_to_file(
+            a, params, [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in ids],
+            tmp_path / f"{side}-ids.safetensors")
+    n_tokens = sum(len(t.split()) for batch in texts for t in batch)
+    for g in out.values():
+        assert g.num_tokens == {0: float(n_tokens)}
+    for p in out["right"].key_of:
+        want = np.asarray(out["right-ids"][p])
+        np.testing.assert_array_equal(np.asarray(out["right"][p]), want)
+        np.testing.assert_allclose(np.asarray(out["left"][p]), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
