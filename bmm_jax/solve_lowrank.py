@@ -156,8 +156,11 @@ def _apply_factor(fs, alpha, y):
 def _woodbury(t, fs, ta, alpha, rho, scale, self_factor: bool):
     m0, c, fta = _stacked_terms(t, fs, ta, alpha, self_factor)
     d_in = ta.shape[0]
-    lam = rho * jnp.trace(m0) / d_in                               # tr(S) = tr(F^T F)
-    m = m0 + lam * jnp.eye(m0.shape[0], dtype=m0.dtype)
+    tr = jnp.trace(m0)                                             # tr(S) = tr(F^T F)
+    lam = rho * tr / d_in
+    # all factors zero (no expert changed the module): F = 0, so the result is s T_a whatever M
+    # is; M = I keeps the solve finite instead of factoring 0
+    m = m0 + (lam + jnp.where(tr > 0, 0.0, 1.0).astype(m0.dtype)) * jnp.eye(m0.shape[0], dtype=m0.dtype)
     y = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True), c - fta)
     return scale * (ta + _apply_factor(fs, alpha, y))
 
@@ -276,7 +279,9 @@ def resolve_lowrank(fac: LowRankFactors, rho, scale=1.0, anchor_scale=1.0):
     tr(S)/d_in``; one ``[d_in, R] x [R, d_out]`` matmul. Pure and jittable; ``rho > 0`` (not
     checked here: at ``rho = 0`` a zero eigenvalue divides by zero)."""
     lam = rho * fac.mean_e
-    inner = (fac.zb - anchor_scale * fac.za) / (fac.e + lam)[:, None]
+    den = (fac.e + lam)[:, None]
+    # a direction with e + lambda = 0 is outside the span of F (F v = 0): its numerator is 0 too
+    inner = jnp.where(den > 0, (fac.zb - anchor_scale * fac.za) / jnp.where(den > 0, den, 1.0), 0.0)
     return scale * (anchor_scale * fac.ta + jnp.matmul(fac.p, inner, precision=HIGHEST))
 
 

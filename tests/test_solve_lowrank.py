@@ -143,6 +143,11 @@ def test_errors():
         solve_factored_woodbury(t, f, ta, rho=-1.0)
     with pytest.raises(ValueError, match="every factor is zero"):
         solve_factored_woodbury(t, np.zeros_like(f), ta, rho=1.0)
+    # traced: no error, and a module no expert changed (F = 0) gives the anchor, finite
+    got = jax.jit(lambda t, f, ta: solve_factored_woodbury(t, f, ta, rho=1.0, scale=0.5))(t, np.zeros_like(f), ta)
+    np.testing.assert_array_equal(np.asarray(got), 0.5 * ta)
+    got = jax.jit(lambda t, ta: solve_data_free_woodbury(t, ta, rho=1.0))(np.zeros_like(t), ta)
+    np.testing.assert_array_equal(np.asarray(got), ta)
     with pytest.raises(ValueError, match=r"factors must be \[K, d_in, r\]"):
         solve_factored_woodbury(t, f[:, :5], ta, rho=1.0)
     with pytest.raises(ValueError, match="anchor_kernel must be"):
