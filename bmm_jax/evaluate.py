@@ -39,6 +39,7 @@ _CACHE: "OrderedDict[tuple, Prepared]" = OrderedDict()
 _CACHE_MAX = 64
 _LOCK = threading.Lock()
 _JIT: "weakref.WeakKeyDictionary[ModelAdapter, Callable]" = weakref.WeakKeyDictionary()
+_JIT_MEMBERS: "weakref.WeakKeyDictionary[ModelAdapter, Callable]" = weakref.WeakKeyDictionary()
 
 
 def clear_cache() -> None:
@@ -243,6 +244,70 @@ def evaluate(adapter: ModelAdapter, params: PyTree, heads: Mapping[str, dict], t
     return {t: accuracy(*res[t]) for t in tasks}
 
 
+def _jit_member_logits(adapter: ModelAdapter):
+    fn = _JIT_MEMBERS.get(adapter)
+    if fn is None:
+        one = lambda params, head, batch: head_logits(head, adapter.apply(params, batch))  # noqa: E731
+        fn = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+        _JIT_MEMBERS[adapter] = fn
+    return fn
+
+
+def _members(params: PyTree, start: int, stop: int, size: int) -> PyTree:
+    """Members ``start:stop`` of a batched params tree, padded to ``size`` by repeating the first."""
+    def cut(x):
+        x = x[start:stop]
+        if stop - start < size:
+            x = jax.numpy.concatenate([x, jax.numpy.repeat(x[:1], size - (stop - start), axis=0)])
+        return x
+    return jax.tree_util.tree_map(cut, params)
+
+
+def evaluate_batch(adapter: ModelAdapter, params: PyTree, heads: Mapping[str, dict], tasks: Sequence[str],
+                   split: str = "test", batch_size: int = 128, max_examples: int | None = None, *,
+                   load: LoadFn | None = None, members_per_call: int | None = None) -> list[dict[str, float]]:
+    """Accuracy per task of each of ``M`` encoder params at once (the trials of a batched search).
+
+    The forward pass is ``jax.vmap``-ed over the members: one jitted call per example batch
+    evaluates ``members_per_call`` models (default all ``M``) on the same inputs. Results equal
+    :func:`evaluate` of each member up to float32 noise in the logits (an exact tie of two logits may
+    then break the other way).
+
+    Args:
+      params: encoder params whose every leaf has a leading ``[M]`` axis (e.g.
+        ``jax.vmap(prep.params)(...)``).
+      members_per_call: models per jitted call; memory holds this many models' activations of one
+        example batch. Fewer than ``M`` evaluates the members in chunks, the last chunk padded (by
+        repeating a member, results dropped) so every call has the same shape and compiles once.
+      Other arguments: as in :func:`evaluate`.
+
+    Returns:
+      ``[{task: accuracy}]``, one dict per member, in member order.
+    """
+    _check_heads(heads, tasks)
+    m_total = ensemble_size(params)
+    per = m_total if members_per_call is None else int(members_per_call)
+    if per < 1:
+        raise ValueError(f"members_per_call must be a positive int, got {members_per_call!r}")
+    fn = _jit_member_logits(adapter)
+    out: list[dict[str, float]] = [{} for _ in range(m_total)]
+    chunks = [(a, min(a + per, m_total)) for a in range(0, m_total, per)]
+    parts = [params if (a, b) == (0, m_total) and per == m_total else _members(params, a, b, per) for a, b in chunks]
+    for task in tasks:
+        prep = prepare(adapter, task, split, max_examples=max_examples, load=load)
+        n = len(prep.labels)
+        for (a, b), part in zip(chunks, parts):
+            logits = []
+            for i in range(0, n, batch_size):
+                chunk, ex_mask = pad_batch(take(prep.batch, slice(i, i + batch_size)), batch_size)
+                chunk = trim_batch(chunk, adapter.length_buckets)
+                logits.append((fn(part, heads[task], chunk), int(ex_mask.sum())))
+            lg = np.concatenate([np.asarray(x)[:, :k] for x, k in logits], axis=1)   # [per, n, C]
+            for j in range(b - a):
+                out[a + j][task] = accuracy(lg[j], prep.labels)
+    return out
+
+
 def normalized_accuracy(merged: Mapping[str, float], expert: Mapping[str, float]) -> dict[str, float]:
     """``task -> merged[task] / expert[task]`` (the merging literature's normalised accuracy)."""
     missing = sorted(set(merged) ^ set(expert))
@@ -271,6 +336,6 @@ def _check_heads(heads: Mapping[str, dict], tasks: Sequence[str]) -> None:
         raise ValueError(f"no head for tasks {missing}; heads has {sorted(heads)}")
 
 
-__all__ = ["evaluate", "evaluate_metrics", "task_logits", "task_log_probs", "ensemble_log_probs", "metrics_of",
+__all__ = ["evaluate", "evaluate_batch", "evaluate_metrics", "task_logits", "task_log_probs", "ensemble_log_probs", "metrics_of",
            "member_params", "ensemble_size", "batched_logits", "prepare", "accuracy", "normalized_accuracy",
            "mean_accuracy", "clear_cache", "subsample_indices", "Prepared"]

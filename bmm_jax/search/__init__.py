@@ -17,7 +17,8 @@ Flow of :func:`search`:
 4. evaluate any trial a killed run left ``ACTIVE`` (same id and point, once);
 5. seeded trials (default: the anchor-equivalent point ``rho = 10**2, s = 1`` and the shared
    default ``rho = 1, s = 1`` for every group), then designer suggestions, until ``num_trials``
-   trials have finished;
+   trials have finished; ``SearchConfig.batch_size`` trials per step (:mod:`bmm_jax.search.batch`:
+   one ``suggest(count)``, one vmapped ``Prepared.params``, one call of a batched objective);
 6. return the best trial's merged params, or the exact anchor if no trial beats it, and write the
    reports (:mod:`bmm_jax.search.reports`).
 """
@@ -37,18 +38,19 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from bmm_jax._tree import PyTree
+from bmm_jax.search.batch import BatchRunner, make_batched_objective, resolve_objectives, result_to_value
 from bmm_jax.search.designer import SafeDesigner, fixed_trial_padding, make_designer
 from bmm_jax.search.hybrid import HybridPrepared
 from bmm_jax.search.reports import (best_so_far, plot_convergence, plot_hparams_by_depth, write_best,
                                     write_groups, write_trials)
 from bmm_jax.search.space import (BUILTIN_EXTRAS, DESIGNERS, OBJECTIVES, Extra, SearchConfig, SearchSpace,
-                                  build_space, extras_of, fingerprint, group_hparams, module_hparams,
+                                  build_space, extras_of, fingerprint, group_hparams,
                                   problem_statement, seed_point)
 from bmm_jax.search.study import RunDirInUse, SQLiteStudy, StudyError, TrialRecord
 
 __all__ = ["search", "SearchConfig", "SearchResult", "Extra", "SearchSpace", "TrialRecord", "build_space",
            "make_designer", "SafeDesigner", "SQLiteStudy", "BUILTIN_EXTRAS", "DESIGNERS", "OBJECTIVES",
-           "make_objective", "fixed_trial_padding", "HybridPrepared", "StudyError", "RunDirInUse"]
+           "make_objective", "make_batched_objective", "fixed_trial_padding", "HybridPrepared", "StudyError", "RunDirInUse"]
 
 
 class SearchResult(NamedTuple):
@@ -99,7 +101,8 @@ def make_objective(objective: Callable | None = None, *, kind: str = "accuracy",
 
     ``kind="accuracy"``: the value is the float, or the mean of the mapping. ``kind="normalized"``:
     the mean of ``acc[t] / expert_accuracy[t]`` (needs a mapping and ``expert_accuracy``).
-    ``metrics`` holds ``acc/<task>`` (and ``norm/<task>``) for mappings.
+    ``metrics`` holds ``acc/<task>`` (and ``norm/<task>``) for mappings. The batched version
+    (several trials' params at once) is :func:`make_batched_objective`.
     """
     if kind not in OBJECTIVES:
         raise ValueError(f"unknown objective kind {kind!r}; expected one of {OBJECTIVES}")
@@ -126,27 +129,7 @@ def make_objective(objective: Callable | None = None, *, kind: str = "accuracy",
                 raise ValueError(f"expert_accuracy[{t!r}] = {a}; cannot normalise by it")
 
     def evaluate(params) -> tuple[float, dict]:
-        raw = objective(params)
-        if isinstance(raw, Mapping):
-            if not raw:
-                raise ValueError("the objective returned an empty mapping of task accuracies")
-            acc = {str(t): float(v) for t, v in raw.items()}
-            metrics = {f"acc/{t}": v for t, v in acc.items()}
-            if kind == "normalized":
-                missing = sorted(set(acc) - set(map(str, expert_accuracy)))
-                if missing:
-                    raise ValueError(f"expert_accuracy has no entry for tasks {missing}")
-                norm = {t: v / float(expert_accuracy[t]) for t, v in acc.items()}
-                metrics.update({f"norm/{t}": v for t, v in norm.items()})
-                return float(np.mean(list(norm.values()))), metrics
-            return float(np.mean(list(acc.values()))), metrics
-        if kind == "normalized":
-            raise TypeError("objective='normalized' needs the objective to return {task: accuracy}, "
-                            f"got {type(raw).__name__}")
-        try:
-            return float(raw), {}
-        except (TypeError, ValueError):
-            raise TypeError(f"the objective must return a float or {{task: accuracy}}, got {type(raw).__name__}") from None
+        return result_to_value(objective(params), kind, expert_accuracy)
 
     return evaluate
 
@@ -224,7 +207,8 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
            run_dir: str, anchor: PyTree | None = None, labels: PyTree | None = None,
            params_fn: Callable | None = None, adapter=None, heads=None, tasks: Sequence[str] | None = None,
            expert_accuracy: Mapping[str, float] | None = None, evaluate_fn: Callable | None = None,
-           designer_factory: Callable | None = None, progress: bool = True, verbose: bool = True) -> SearchResult:
+           designer_factory: Callable | None = None, batched_objective: Callable | None = None,
+           progress: bool = True, verbose: bool = True) -> SearchResult:
     """Module-wise Bayesian optimisation of BMM's ``(rho, s)`` per group (method.md §4).
 
     Args:
@@ -246,6 +230,11 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
       expert_accuracy: ``{task: expert validation accuracy}`` for ``objective="normalized"``.
       designer_factory: ``(problem, *, seed) -> vizier Designer`` overriding ``config.designer``
         (dependency injection, e.g. for tests).
+      batched_objective: ``params_batch -> k results`` evaluating the ``k <= config.batch_size``
+        trials of a step at once (params leaves with a leading ``[k]`` axis; an objective with the
+        attribute ``batched = True`` is taken as one). Without it, the library's validation
+        objective is batched automatically (vmapped forward) and any other objective is called once
+        per trial. See :mod:`bmm_jax.search.batch`.
       progress: show a tqdm bar with the best value so far.
       verbose: print the group table and a summary.
 
@@ -271,16 +260,17 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
     params_fn, labels = _resolve(prep, params_fn, labels)
     space = build_space(labels, config)
     _check_extras_accepted(params_fn, space)
-    evaluate = make_objective(objective, kind=config.objective, adapter=adapter, heads=heads, tasks=tasks,
-                              expert_accuracy=expert_accuracy, evaluate_fn=evaluate_fn,
-                              validation_examples=config.validation_examples)
+    evaluate, batched_evaluate = resolve_objectives(
+        objective, batched_objective, make_objective=make_objective, kind=config.objective,
+        batch_size=config.batch_size, adapter=adapter, heads=heads, tasks=tasks, expert_accuracy=expert_accuracy,
+        evaluate_fn=evaluate_fn, validation_examples=config.validation_examples)
+    runner = BatchRunner(space, params_fn, evaluate, batched_evaluate, config.batch_size)
     problem = problem_statement(space)
     if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
         raise ValueError(f"run_dir {run_dir!r} exists and is not a directory")
     os.makedirs(run_dir, exist_ok=True)
 
-    def merged(point):
-        return params_fn(module_hparams(space, group_hparams(space, point)), **extras_of(space, point))
+    merged = runner.merged
 
     # the study is opened (and checked: damaged, missing, another search) before anything is written
     with SQLiteStudy(run_dir, problem, study_id=config.study_id, fingerprint=fingerprint(space, config)) as study:
@@ -316,8 +306,10 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
                                  acquisition_evaluations=config.acquisition_evaluations,
                                  ard_restarts=config.ard_restarts, trial_padding=config.trial_padding,
                                  ard_max_iterations=config.ard_max_iterations,
-                                 resume_offset=len(records))
-        designer = SafeDesigner(base, space, problem, seed=config.seed, skip=len(records))
+                                 resume_offset=len(records), batch_size=config.batch_size)
+        gp = designer_factory is None and config.designer.startswith("gp")
+        designer = SafeDesigner(base, space, problem, seed=config.seed, skip=len(records),
+                                min_request=config.batch_size if gp else 1)
         designer.update(finished)  # re-feed the in-RAM designer from the datastore
 
         values = [r.value for r in records if r.value is not None]
@@ -333,38 +325,42 @@ def search(prep=None, objective: Callable | None = None, config: SearchConfig | 
 
         postfix()
 
-        def run_trial(tid: int, point: Mapping[str, float]):
+        def run_batch(tids: list[int], points: list[Mapping[str, float]]):
+            # every trial of the batch is ACTIVE in the datastore; each is completed as its result is known
             nonlocal best, n_done
-            t0 = time.perf_counter()
-            value, metrics = evaluate(merged(point))
-            secs = time.perf_counter() - t0
-            if math.isfinite(value):
-                trial = study.complete(tid, value, metrics, secs)
-                best = value if best is None else max(best, value)
-            else:
-                trial = study.infeasible(tid, f"non-finite objective value {value}")
-            designer.update([trial])
-            n_done += 1
-            bar.update(1)
-            postfix()
+            for i, value, metrics, secs in runner.run(points):
+                if math.isfinite(value):
+                    trial = study.complete(tids[i], value, metrics, secs)
+                    best = value if best is None else max(best, value)
+                else:
+                    trial = study.infeasible(tids[i], f"non-finite objective value {value}")
+                designer.update([trial])
+                n_done += 1
+                bar.update(1)
+                postfix()
 
         try:
-            for r in pending:  # left ACTIVE by a killed run: evaluate once, same id and point
-                study.activate(r.id)
-                run_trial(r.id, r.point)
             have = {r.source for r in records}
             seeds = [s for s in config.seed_points if f"seed:{s}" not in have]
-            while n_done < config.num_trials:
-                if seeds:
+            while pending or n_done < config.num_trials:
+                # left ACTIVE by a killed run: evaluated once, same id and point, first
+                batch = [(r.id, r.point) for r in pending[:config.batch_size]]
+                pending = pending[config.batch_size:]
+                for tid, _ in batch:
+                    study.activate(tid)
+                room = min(config.batch_size - len(batch), config.num_trials - n_done - len(batch) - len(pending))
+                new = []
+                while seeds and len(new) < room:
                     name = seeds.pop(0)
-                    point, source, secs = seed_point(space, name), f"seed:{name}", None
-                else:
+                    new.append((seed_point(space, name), f"seed:{name}", None))
+                if len(new) < room:
                     t0 = time.perf_counter()
                     with _jax_cache(config.jax_cache_dir):   # the designer's compilations only
-                        point, source = designer.suggest()
-                    secs = time.perf_counter() - t0
-                tid = study.add(point, source, secs)
-                run_trial(tid, point)
+                        sugg = designer.suggest_many(room - len(new))
+                    secs = (time.perf_counter() - t0) / len(sugg)   # one suggest call, shared
+                    new += [(point, source, secs) for point, source in sugg]
+                batch += [(study.add(point, source, secs), point) for point, source, secs in new]
+                run_batch([tid for tid, _ in batch], [point for _, point in batch])
         finally:
             bar.close()
 

@@ -129,6 +129,16 @@ class SearchConfig:
         (saves ~3 s of the first GP suggestion in each later process); ``"auto"`` is
         ``<bmm_jax cache>/jax`` (``$BMM_JAX_CACHE/jax`` or ``~/.cache/bmm_jax/jax``); ``None`` leaves JAX's setting alone.
       study_id: Vizier study id inside the run directory's SQLite datastore.
+      batch_size: trials evaluated per step (``B``). Each step takes ``B`` points (a trial left
+        ``ACTIVE`` by a killed run, the seeded points, then one ``suggest(count)`` call of the
+        designer for the rest), builds their params in one jitted ``jax.vmap`` of
+        ``Prepared.params`` (leaves with a leading ``[B]`` axis), evaluates them with one call of a
+        batched objective (else one call of the objective per trial) and completes every trial.
+        ``1`` is the one-trial-at-a-time loop. The GP-bandit designers then optimise a batch
+        acquisition (q-UCB over sets of ``B`` points, :func:`bmm_jax.search.make_designer`) so
+        the points of a batch differ. Not part of the study's identity: a study may be resumed
+        with another batch size. Memory: ``B`` merged models (plus the objective's activations for
+        ``B`` models when batched).
     """
     grouping: str = "type"
     num_trials: int = 50
@@ -147,6 +157,7 @@ class SearchConfig:
     trial_padding: int = 64
     jax_cache_dir: str | None = "auto"
     study_id: str = "bmm-search"
+    batch_size: int = 4
 
     def __post_init__(self):
         if self.grouping not in GROUPINGS:
@@ -189,6 +200,12 @@ class SearchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not isinstance(self.study_id, str) or not self.study_id:
             raise ValueError(f"study_id must be a non-empty string, got {self.study_id!r}")
+        if isinstance(self.batch_size, (bool, np.bool_)) or not isinstance(self.batch_size, (int, np.integer)):
+            raise TypeError(f"batch_size must be an int (trials per step), got {type(self.batch_size).__name__} "
+                            f"({self.batch_size!r})")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (trials per step), got {self.batch_size}")
+        object.__setattr__(self, "batch_size", int(self.batch_size))
 
 
 class Group(NamedTuple):
@@ -322,6 +339,42 @@ def group_hparams(space: SearchSpace, point: Mapping[str, float]) -> dict[str, d
 def extras_of(space: SearchSpace, point: Mapping[str, float]) -> dict[str, float]:
     """Flat point -> ``{extra name: value}``."""
     return {e.name: float(point[e.name]) for e in space.extras}
+
+
+class PointArrays(NamedTuple):
+    """A batch of ``B`` flat points as arrays (the inputs of the vmapped params function).
+
+    Attributes:
+      rho: ``[B, G]`` float32, ``rho = 10 ** log10_rho`` per group (``G = len(space.groups)``, in
+        ``space.groups`` order), computed in float64 and rounded once, as :func:`group_hparams`
+        followed by the float32 conversion of the merge.
+      scale: ``[B, G]`` float32, the assembly scale ``s`` per group.
+      extras: ``{extra name: [B] float32}``.
+    """
+    rho: np.ndarray
+    scale: np.ndarray
+    extras: dict
+
+
+def point_arrays(space: SearchSpace, points: Sequence[Mapping[str, float]]) -> PointArrays:
+    """Flat points -> :class:`PointArrays` (``B = len(points) >= 1``)."""
+    if not len(points):
+        raise ValueError("point_arrays needs at least one point")
+    hps = [group_hparams(space, p) for p in points]
+    rho = np.asarray([[h[g.name]["rho"] for g in space.groups] for h in hps], np.float64).astype(np.float32)
+    scale = np.asarray([[h[g.name]["scale"] for g in space.groups] for h in hps], np.float64).astype(np.float32)
+    extras = {e.name: np.asarray([float(p[e.name]) for p in points], np.float32) for e in space.extras}
+    return PointArrays(rho, scale, extras)
+
+
+def module_hparams_of_row(space: SearchSpace, rho, scale) -> dict:
+    """Per-module hyper-parameters ``{module path: {"rho": rho[g], "scale": scale[g]}}`` from one row
+    ``rho [G], scale [G]`` of :class:`PointArrays` (values stay arrays: traceable under ``vmap``)."""
+    out = {}
+    for i, g in enumerate(space.groups):
+        for m in g.modules:
+            out[m.path] = {"rho": rho[i], "scale": scale[i]}
+    return out
 
 
 def module_hparams(space: SearchSpace, hparams: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
