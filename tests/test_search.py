@@ -642,23 +642,31 @@ def _val_objective(heads, val):
     return lambda params: {t: _np_accuracy(params, heads[t], x, y) for t, (x, y) in val.items()}
 
 
+_COMPILES: list = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: _COMPILES.append(name) if name.endswith("backend_compile_duration") else None)
+
+
 def test_end_to_end_real_prepare(tmp_path):
     import bmm_jax
-    from bmm_jax import anchors, merging
+    from bmm_jax import anchors
     base, experts, heads, val = _tiny_tasks()
     assert all(_np_accuracy(e, heads[f"t{k}"], *val[f"t{k}"]) > 0.6 for k, e in enumerate(experts))
     anchor = anchors.task_arithmetic(base, experts)
     prep = bmm_jax.prepare(base, experts, anchor)  # data-free Grams, isotropic eigen fast path
     objective = _val_objective(heads, val)
     anchor_value = float(np.mean(list(objective(anchor).values())))
-    shapes = {(l.d_in, l.d_out) for g in S.build_space(prep.labels, S.SearchConfig(grouping="module")).groups
-              for l in g.modules}
-    cache0 = merging._resolve_stacked._cache_size()
     cfg = S.SearchConfig(num_trials=6, designer="quasi_random", extras=("anchor_scale",), **FAST)
     res = bmm_jax.search(prep, objective, cfg, run_dir=str(tmp_path), anchor=anchor, progress=False,
                          verbose=False)
-    # each trial is a fast-path re-solve: at most one compilation per stacked module shape
-    assert merging._resolve_stacked._cache_size() - cache0 <= len(shapes)
+    # each trial is a fast-path re-solve: once warm, new hyper-parameter values compile nothing
+    sp = S.build_space(prep.labels, cfg)
+    hps = [S.space.module_hparams(sp, S.space.group_hparams(sp, t.point)) for t in res.trials[-2:]]
+    prep.params(hps[0], anchor_scale=0.8)
+    n0 = len(_COMPILES)
+    prep.params(hps[1], anchor_scale=0.7)
+    prep.params({p: {"rho": 2 * h["rho"], "scale": h["scale"]} for p, h in hps[0].items()}, anchor_scale=1.3)
+    assert len(_COMPILES) == n0
     assert res.anchor_value == pytest.approx(anchor_value)
     assert res.best_value >= anchor_value
     assert [t.source for t in res.trials[:3]] == ["anchor", "seed:anchor", "seed:default"]
@@ -709,7 +717,7 @@ def test_beta_extra_needs_hybrid_wrapper(tmp_path):
     sp = S.build_space(labels, cfg)
     mod = S.space.module_hparams(sp, S.space.group_hparams(sp, t.point))
     want = bmm_jax.merge(base, experts, anchor, hybrid(hp.data_grams, data_free(base, experts, labels), t.point["beta"]),
-                         mod, labels).params
+                         mod, labels=labels).params
     got = hp.params(mod, beta=t.point["beta"])
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
