@@ -283,6 +283,37 @@ def test_evaluate_batch_matches_numpy_and_single():
         assert got[m][1] == {"acc/p": full[m]["p"], "acc/q": full[m]["q"]}
 
 
+def test_evaluate_batch_text_model_vmapped_forward():
+    """Tiny random BERT (length-sorted, bucket-trimmed, padded batches): the vmapped forward over
+    three members equals the HF wrapper's own forward of each member with numpy pooling and head."""
+    from bmm_jax import evaluate as E
+    from bmm_jax.models.hf import hf_adapter, load_hf_model
+    cfg = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=24, max_position_embeddings=64)
+    model, params = load_hf_model("bert", config=cfg, seed=3)
+    ad = hf_adapter("bert", model=model, params=params, max_length=24)
+    rng = np.random.default_rng(1)
+    n = 21
+    lens = rng.integers(2, 25, size=n)
+    ids = rng.integers(2, 50, size=(n, 24)).astype(np.int32)
+    ids[np.arange(24)[None, :] >= lens[:, None]] = 0
+    y = rng.integers(0, 3, n).astype(np.int32)
+    head = {"kernel": rng.standard_normal((16, 3)).astype(np.float32),
+            "bias": rng.standard_normal(3).astype(np.float32)}
+    members = [jax.tree_util.tree_map(lambda p, i=i: p + np.float32(0.05 * i) *
+                                      rng.standard_normal(np.shape(p)).astype(np.float32), params) for i in range(3)]
+    got = E.evaluate_batch(ad, S.batch.stack_params(members), {"t": head}, ["t"], "test", batch_size=8,
+                           load=lambda task, split: (ids, y), members_per_call=2)
+    mask = (ids != 0).astype(np.int32)
+    for m, prm in enumerate(members):
+        with jax.numpy_dtype_promotion("standard"):
+            hidden = np.asarray(model(ids, attention_mask=mask, params=prm).last_hidden_state, np.float64)
+        feats = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+        ref = feats @ head["kernel"] + head["bias"]
+        assert got[m]["t"] == float(np.mean(np.argmax(ref, 1) == y))
+    assert len({g["t"] for g in got}) > 1          # the members really differ
+
+
 # --------------------------------------------------------------------------- kill -9 mid-batch
 _CHILD = r"""
 import os, sys, time
