@@ -608,7 +608,7 @@ def run(args) -> dict:
         kw["grams"] = act
     grid_scores = None
     if args.anchor in SCALED_ANCHORS and args.anchor_scale_grid is not None:
-        unit = fn(base.params, experts, scale=1.0, **kw)
+        unit = fn(base.params, experts, anchor_scale=1.0, **kw)
         grid_scores = {}
         best = None
         for c in args.anchor_scale_grid:
@@ -621,10 +621,10 @@ def run(args) -> dict:
         _, anchor_scale, anchor = best
     else:
         if args.anchor in SCALED_ANCHORS and args.anchor_scale is not None:
-            kw["scale"] = float(args.anchor_scale)
+            kw["anchor_scale"] = float(args.anchor_scale)
         anchor = fn(base.params, experts, **kw)
         anchor = anchor.params if hasattr(anchor, "params") and not isinstance(anchor, dict) else anchor
-        anchor_scale = kw.get("scale", {"task_arithmetic": 0.3}.get(args.anchor, 1.0)
+        anchor_scale = kw.get("anchor_scale", {"task_arithmetic": 0.3}.get(args.anchor, 1.0)
                               if args.anchor in SCALED_ANCHORS else None)
     timings["anchor"] = time.perf_counter() - t0
 
