@@ -368,10 +368,11 @@ class _Merger:
         b = view(self.base)
         es = [view(e) for e in self.experts]
         dt = b.dtype if all(e.dtype == b.dtype for e in es) else np.dtype(np.float32)
-        out = self._cast(b, dt), [self._cast(e, dt) for e in es]
-        for c in [self.base, *self.experts]:
-            c.release(name, lo, hi) if lo is not None else c.release(name)
-        return out
+        return self._cast(b, dt), [self._cast(e, dt) for e in es]
+
+    def _release(self, name: str, lo: int | None = None, hi: int | None = None) -> None:
+        for c in (self.base, *self.experts):
+            c.release(name, lo, hi)
 
     # ---- merging
     def tensor(self, t: _Tensor, write: Callable[[int, np.ndarray], None]) -> None:
@@ -389,6 +390,9 @@ class _Merger:
             write(0, self._whole(t))
         if t.vocab is not None:
             self._extra_rows(t, write)
+        # jax may alias the memory-mapped inputs (zero-copy on CPU): their pages are touched while
+        # computing, so they leave the resident set here, once the tensor is done
+        self._release(name)
 
     def _out(self, x, t: _Tensor) -> np.ndarray:
         a = np.asarray(x)
@@ -436,6 +440,7 @@ class _Merger:
             def chunks():
                 for lo, hi in ranges:
                     yield self._inputs(name, lo, hi)
+                    self._release(name, lo, hi)
             info_ = ties_chunked(chunks, rows * row_el, self.k, density=self.anchor.density,
                                  scale=self.anchor.scale,
                                  write=lambda i, x: write(ranges[i][0], self._out(x, t)))
@@ -445,6 +450,7 @@ class _Merger:
             b, es = self._inputs(name, lo, hi)
             write(lo, self._out(self._carried(name, b, es, lab), t))
             del b, es
+            self._release(name, lo, hi)
 
     def _extra_rows(self, t: _Tensor, write) -> None:
         """Rows every model does not have: the mean over the experts that have them (else the base's)."""
