@@ -7,9 +7,10 @@ Per regressed module, Flax view ``T_k [d_in, d_out]`` and per-task Grams ``G_k [
 
 (identical to the paper's ``(sum G~_k)^{-1} sum G~_k W_k`` since ``sum G~_k W_0`` cancels). The
 system is solved by Cholesky (``jax.scipy.linalg.cho_factor/cho_solve``), never an inverse; if
-``sum_k G~_k`` is numerically singular (alpha = 1 with rank-deficient Grams) the Cholesky result is
-not finite and the min-norm least-squares solve (``eigh``) is used instead (a ``lax.cond`` on
-device, so the function stays pure and traceable; no warning is emitted).
+``sum_k G~_k`` is numerically singular (alpha = 1 with rank-deficient Grams: the Cholesky result is
+not finite or a pivot is below ``sqrt(eps)`` of the largest) the min-norm least-squares solve
+(``eigh``) is used instead (a ``lax.cond`` on device, so the function stays pure and traceable;
+no warning is emitted).
 Modules of one input group (q/k/v) share one Gram array; its factorisation is reused.
 Leaves that are not regressed modules get the mean task vector (plain weight averaging, as in the
 paper). The Grams are cast to the compute dtype (float32, float64 for float64 leaves). Output
@@ -60,11 +61,18 @@ def _cho(s):
 
 @jax.jit
 def regmean_solve(chol, s, b):
-    """``S^{-1} B`` from the Cholesky factor of ``S``; the min-norm least-squares solve (``eigh``)
-    when the Cholesky result is not finite (``S`` numerically singular), decided on device."""
+    """``S^{-1} B`` from the Cholesky factor ``L`` of ``S``; the min-norm least-squares solve
+    (``eigh``, eigenvalues below ``d eps`` of the largest dropped) when ``S`` may be numerically
+    singular: the factorisation failed (not finite) or a pivot ``L_ii^2`` is below ``sqrt(eps)`` of
+    the largest (``L_ii^2 >= lambda_min(S)``; the rounding noise left in the pivots of a singular
+    ``S`` is far below that, and on a regular but ill-conditioned ``S`` both routes agree).
+    Decided on device."""
     out = jsl.cho_solve((chol, True), b)
     rcond = default_rcond(s.dtype, s.shape[-1])
-    return lax.cond(jnp.all(jnp.isfinite(out)), lambda: out, lambda: _psd_solve(s, b, rcond))
+    piv = jnp.diagonal(chol) ** 2
+    floor = float(jnp.finfo(s.dtype).eps) ** 0.5
+    ok = jnp.all(jnp.isfinite(out)) & (jnp.min(piv) > floor * jnp.max(piv))
+    return lax.cond(ok, lambda: out, lambda: _psd_solve(s, b, rcond))
 
 
 @anchor_function

@@ -24,9 +24,9 @@ majority sign is summed exactly in integers (the reference sums the signs in flo
 
 Computation. The threshold is found exactly by a radix select on the IEEE bit patterns of
 ``|tau|`` (non-negative floats are ordered like their integer bits): two histogram passes of 16
-bits (four for float64) over the model, each pass recomputing ``tau`` leaf by leaf from the K + 1
-inputs (no ``[K, n]`` stack of the model, memory stays at one leaf), then one pass for the
-majority sign and one for the merge. Everything is on device: the same code runs eagerly (one
+bits (four for float64) over the model, each pass recomputing ``tau`` from the K + 1 inputs leaf
+by leaf (large leaves one at a time, small ones in groups; no ``[K, n]`` stack of the model,
+memory stays at one leaf), then one pass for the majority sign and one for the merge. Everything is on device: the same code runs eagerly (one
 small jitted kernel per leaf and pass) and inside ``jit`` / ``vmap`` / ``scan``.
 """
 from __future__ import annotations
@@ -108,16 +108,31 @@ def kth_largest_abs(x, k):
     return lax.bitcast_convert_type(prefix, x.dtype).reshape(lead + (1,))
 
 
-# ------------------------------------------------------------------------------ per-leaf kernels
-def _leaf_taus(base_leaf, expert_leaves):
-    cd = compute_dtype(base_leaf.dtype)
-    b = base_leaf.astype(cd)
-    return jnp.stack([e.astype(cd) - b for e in expert_leaves]).reshape(len(expert_leaves), -1)
+# ------------------------------------------------------------------------------ group kernels
+# The model-wide passes work on groups of leaves: every large leaf alone, the small ones (biases,
+# norms) concatenated, so that a model compiles a few kernels and dispatches a few calls per pass.
+SMALL_LEAF = 2 ** 16              # entries: leaves below this are grouped
+GROUP_ENTRIES = 2 ** 22           # entries of one group of small leaves (bounds its [K, n] buffer)
+
+
+def _group_taus(base_leaves, expert_leaves):
+    """``[K, n_i]`` task vectors of every leaf of a group, each in its compute dtype."""
+    out = []
+    for b, es in zip(base_leaves, expert_leaves):
+        cd = compute_dtype(b.dtype)
+        bb = b.astype(cd)
+        out.append(jnp.stack([e.astype(cd) - bb for e in es]).reshape(len(es), -1))
+    return out
+
+
+def _group_bits(parts, sel_dtype):
+    bits = [abs_bits(p.astype(sel_dtype)) for p in parts]
+    return bits[0] if len(bits) == 1 else jnp.concatenate(bits, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("shift", "width", "sel_dtype", "count_dtype"))
-def _leaf_histogram(base_leaf, expert_leaves, prefix, shift, width, sel_dtype, count_dtype):
-    bits = abs_bits(_leaf_taus(base_leaf, expert_leaves).astype(sel_dtype))
+def _group_histogram(base_leaves, expert_leaves, prefix, shift, width, sel_dtype, count_dtype):
+    bits = _group_bits(_group_taus(base_leaves, expert_leaves), sel_dtype)
     return digit_histogram(bits, prefix, shift, width, count_dtype)
 
 
@@ -127,9 +142,12 @@ def _trim_elect(taus, thresh, sel_dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("sel_dtype", "count_dtype"))
-def _leaf_sign_sum(base_leaf, expert_leaves, thresh, sel_dtype, count_dtype):
-    _, elected = _trim_elect(_leaf_taus(base_leaf, expert_leaves), thresh, sel_dtype)
-    return jnp.sum(elected.astype(count_dtype))
+def _group_sign_sum(base_leaves, expert_leaves, thresh, sel_dtype, count_dtype):
+    total = jnp.zeros((), count_dtype)
+    for taus in _group_taus(base_leaves, expert_leaves):
+        _, elected = _trim_elect(taus, thresh, sel_dtype)
+        total = total + jnp.sum(elected.astype(count_dtype))
+    return total
 
 
 def _disjoint_mean(trimmed, elected):
@@ -140,13 +158,17 @@ def _disjoint_mean(trimmed, elected):
 
 
 @functools.partial(jax.jit, static_argnames=("sel_dtype",))
-def _leaf_merge(base_leaf, expert_leaves, thresh, majority, sel_dtype):
-    """Merged task vector of one leaf (compute dtype, leaf shape) given the model-wide
-    thresholds ``[K]`` and majority sign."""
-    taus = _leaf_taus(base_leaf, expert_leaves)
-    trimmed, elected = _trim_elect(taus, thresh, sel_dtype)
-    elected = jnp.where(elected == 0, majority.astype(elected.dtype), elected)
-    return _disjoint_mean(trimmed, elected).reshape(base_leaf.shape)
+def _group_merge(base_leaves, expert_leaves, thresh, majority, scale, sel_dtype):
+    """``theta_0 + scale * merged`` of every leaf of a group (leaf dtypes and shapes) given the
+    model-wide thresholds ``[K]`` and majority sign."""
+    out = []
+    for b, taus in zip(base_leaves, _group_taus(base_leaves, expert_leaves)):
+        trimmed, elected = _trim_elect(taus, thresh, sel_dtype)
+        elected = jnp.where(elected == 0, majority.astype(elected.dtype), elected)
+        merged = _disjoint_mean(trimmed, elected).reshape(b.shape)
+        cd = merged.dtype
+        out.append((b.astype(cd) + jnp.asarray(scale).astype(cd) * merged).astype(b.dtype))
+    return out
 
 
 @jax.jit
@@ -171,22 +193,48 @@ def _count_dtype(n: int):
     return jnp.int64
 
 
-def model_thresholds(ctx, indices: list[int], keep: int, sel_dtype, count_dtype):
-    """``[K]`` model-wide thresholds: the ``keep``-th largest ``|tau_k|`` over the leaves
-    ``indices`` (radix select, one histogram pass over the model per digit)."""
+def leaf_groups(ctx, indices: list[int]) -> list[list[int]]:
+    """Leaves of the model-wide passes: each leaf of ``SMALL_LEAF`` entries or more alone, the
+    smaller ones together (up to ``GROUP_ENTRIES`` entries per group), in tree order."""
+    groups, small, size = [], [], 0
+    for i in indices:
+        n = int(np.prod(np.shape(ctx.base_leaves[i])))
+        if n >= SMALL_LEAF:
+            groups.append([i])
+            continue
+        if small and size + n > GROUP_ENTRIES:
+            groups.append(small)
+            small, size = [], 0
+        small.append(i)
+        size += n
+    if small:
+        groups.append(small)
+    return groups
+
+
+def _group_args(ctx, group):
+    return ([jnp.asarray(ctx.base_leaves[i]) for i in group], [ctx.leaf_experts(i) for i in group])
+
+
+def model_thresholds(ctx, groups: list[list[int]], keep: int, sel_dtype, count_dtype):
+    """``[K]`` model-wide thresholds: the ``keep``-th largest ``|tau_k|`` over the leaves of
+    ``groups`` (radix select, one histogram pass over the model per digit)."""
     k = ctx.num_experts
-    itype = _int_type(sel_dtype)
-    prefix = jnp.zeros((k,), itype)
+    prefix = jnp.zeros((k,), _int_type(sel_dtype))
     rank = jnp.full((k,), keep, count_dtype)
     for shift, width in _levels(sel_dtype):
         hist = None
-        for i in indices:
-            h = _leaf_histogram(jnp.asarray(ctx.base_leaves[i]), ctx.leaf_experts(i), prefix,
-                                shift, width, sel_dtype, count_dtype)
+        for g in groups:
+            h = _group_histogram(*_group_args(ctx, g), prefix, shift, width, sel_dtype, count_dtype)
             hist = h if hist is None else hist + h
-        digit, rank = select_digit(hist, rank)
-        prefix = (prefix << width) | digit.astype(itype)
+        prefix, rank = _select_step(hist, rank, prefix, width)
     return lax.bitcast_convert_type(prefix, sel_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _select_step(hist, rank, prefix, width: int):
+    digit, rank = select_digit(hist, rank)
+    return (prefix << width) | digit.astype(prefix.dtype), rank
 
 
 @anchor_function
@@ -233,15 +281,15 @@ def ties(base: PyTree, experts: Sequence[PyTree], *, labels: PyTree | None = Non
     n = int(sum(int(np.prod(np.shape(ctx.base_leaves[i]))) for i in indices))
     count_dtype = _count_dtype(n)
     keep = min(n, int(density * n) + 1)
-    thresh = model_thresholds(ctx, indices, keep, sel_dtype, count_dtype)
+    groups = leaf_groups(ctx, indices)
+    thresh = model_thresholds(ctx, groups, keep, sel_dtype, count_dtype)
     total = None
-    for i in indices:
-        s = _leaf_sign_sum(jnp.asarray(ctx.base_leaves[i]), ctx.leaf_experts(i), thresh, sel_dtype,
-                           count_dtype)
+    for g in groups:
+        s = _group_sign_sum(*_group_args(ctx, g), thresh, sel_dtype, count_dtype)
         total = s if total is None else total + s
     majority = jnp.sign(total)
-
-    def delta(i):
-        return _leaf_merge(jnp.asarray(ctx.base_leaves[i]), ctx.leaf_experts(i), thresh, majority,
-                           sel_dtype)
-    return assemble(ctx, delta, scale)
+    out = [jnp.asarray(b) for b in ctx.base_leaves]        # non-floating leaves: theta_0
+    for g in groups:
+        for i, leaf in zip(g, _group_merge(*_group_args(ctx, g), thresh, majority, scale, sel_dtype)):
+            out[i] = leaf
+    return jax.tree_util.tree_unflatten(ctx.treedef, out)
