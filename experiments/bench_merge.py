@@ -62,8 +62,8 @@ STEPS = (
     ("setup", "build base + K experts only (baseline of every step)"),
     ("task_vectors", "bmm_jax.task_vectors(base, experts)"),
     ("average", "anchors.average"),
-    ("task_arithmetic", "anchors.task_arithmetic(scale=0.3)"),
-    ("ties", "anchors.ties (density 0.2)"),
+    ("task_arithmetic", "anchors.task_arithmetic(anchor_scale=0.3)"),
+    ("ties", "anchors.ties (density 0.2, whole-model trim)"),
     ("tsv", "anchors.tsv (TSV-M)"),
     ("iso_c", "anchors.iso_c"),
     ("iso_cts", "anchors.iso_cts"),
@@ -295,7 +295,7 @@ def run_step(name: str, quick: bool, num_experts: int, sigma: float, wudi_steps:
     elif name in ("average", "ties", "tsv", "iso_c", "iso_cts"):
         _block(bmm_jax.anchors.get(name)(base, experts))
     elif name == "task_arithmetic":
-        _block(bmm_jax.anchors.task_arithmetic(base, experts, scale=0.3))
+        _block(bmm_jax.anchors.task_arithmetic(base, experts, anchor_scale=0.3))
     elif name == "wudi":
         _block(bmm_jax.anchors.wudi(base, experts, steps=wudi_steps))
         extra["adam_steps"] = wudi_steps
