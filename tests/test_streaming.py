@@ -304,7 +304,7 @@ from bmm_jax.streaming import merge_checkpoints
 base, experts, out, method = {base!r}, {experts!r}, {out!r}, {method!r}
 kw = dict(method=method, anchor="task_arithmetic", hparams={{"rho": 0.3}}, report_path="")
 if {twice!r}:      # warm-up: shared libraries paged in, kernels compiled; then measure a second merge
-    merge_checkpoints(base, experts, out + "-warm", **kw)
+    merge_checkpoints(base + "-warm", [e + "-warm" for e in experts], out + "-warm", **kw)
     reset_peak_rss()
 rep = merge_checkpoints(base, experts, out, progress=True, **kw)
 print(json.dumps(rep["memory"]))
@@ -312,15 +312,18 @@ print(json.dumps(rep["memory"]))
 
 
 def test_memory_bound_in_subprocess(tmp_path):
-    """A model of 24 blocks (5 x 23 MiB on disk): the streamed merge's peak RSS above the RSS it had
+    """A model of 12 blocks (5 x 26 MiB on disk): the streamed merge's peak RSS above the RSS it had
     before the first tensor stays under the stated working-set bound of the largest tensor, far
     below the (K + 3) x model an in-memory merge holds. Measured on a second merge in the same
     process (the first pages in jaxlib's code and compiles the kernels: RSS that does not grow with
-    the model)."""
-    cfg = hf_config("llama", hidden_size=128, intermediate_size=512, num_hidden_layers=24, num_attention_heads=4,
+    the model; a 1-block model of the same shapes is merged first)."""
+    cfg = hf_config("llama", hidden_size=192, intermediate_size=768, num_hidden_layers=12, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=64)
     base = write_random_model(str(tmp_path / "base"), cfg, dtype="float32", seed=0)
     experts = [write_expert(str(tmp_path / f"e{i}"), base, seed=i + 1) for i in range(4)]
+    warm = write_random_model(str(tmp_path / "base-warm"), {**cfg, "num_hidden_layers": 1}, dtype="float32", seed=0)
+    for i in range(4):                    # a 1-block model of the same shapes for the warm-up merge
+        write_expert(str(tmp_path / f"e{i}-warm"), warm, seed=i + 1)
     model_bytes = sum(os.path.getsize(os.path.join(base, f)) for f in os.listdir(base))
     code = _CHILD.format(repo=REPO, base=base, experts=experts, out=str(tmp_path / "out"), method="bmm", twice=True)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
@@ -328,11 +331,12 @@ def test_memory_bound_in_subprocess(tmp_path):
     mem = json.loads(r.stdout.strip().splitlines()[-1])
     grew = mem["peak_rss_bytes"][0] - mem["rss_before_merge_bytes"][0]
     bound = mem["working_set_bound_bytes"]
-    assert bound < model_bytes / 2
+    assert bound < model_bytes
     # compiled kernels (a few shapes) come on top of the tensors' working set: 64 MiB slack; an
-    # in-memory merge would hold (K + 3) x model = 7 x 23 MiB
+    # in-memory merge would hold (K + 3) x model = 7 x 26 MiB
     assert grew <= bound + (64 << 20), (grew, bound)
     assert grew < 3 * model_bytes, (grew, model_bytes)
+    print(f"peak RSS growth {grew / 2 ** 20:.1f} MiB, bound {bound / 2 ** 20:.1f} MiB, model {model_bytes / 2 ** 20:.1f} MiB")
 
 
 def test_killed_merge_leaves_no_output_and_rerun_completes(models, tmp_path):
