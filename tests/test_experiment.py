@@ -286,6 +286,7 @@ def test_run_experiment_tiny(tmp_path, tmp_path_factory):
     import bmm_jax
     from bmm_jax import grams
     from bmm_jax.evaluate import evaluate, task_logits
+    from bmm_jax.experiment.running import draw_samples
     from bmm_jax.experiment.sampling import sample_key
     from bmm_jax.experts import build_experts
 
@@ -368,8 +369,8 @@ def test_run_experiment_tiny(tmp_path, tmp_path_factory):
     assert nlls[0.0] == pytest.approx(point_val_nll)
     prep = bmm_jax.prepare(bench.base_params, bench.expert_params, ta, gr, labels=bench.adapter.labels)
     temp = s["temperature"]
-    draws = (prep.sample(sample_key(0, 0, "bmm_sampled-task_arithmetic-data_free-shared"), 2, s["point_hparams"],
-                         temperature=temp) if temp > 0 else None)
+    draws = (draw_samples(prep, sample_key(0, 0, "bmm_sampled-task_arithmetic-data_free-shared"), 2,
+                          s["point_hparams"], temp) if temp > 0 else None)
     members = ([prep.params(s["point_hparams"])] if draws is None else
                [jax.tree_util.tree_map(lambda x, i=i: x[i], draws) for i in range(2)])
     for t in "ab":
@@ -452,3 +453,26 @@ def test_ablations_and_fewshot_tiny(tmp_path, tmp_path_factory):
     assert {x["setting"] for x in recs if x["x"] is None} == {"data-free Grams",
                                                              "activation Grams (12 inputs per task)"}
     assert os.path.getsize(fs.files["plot_fewshot"]) > 0 and "Few-shot hybrid Grams" in fs.table
+
+
+def test_cli_ablations_tiny(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    from bmm_jax import experts
+    from bmm_jax.cli import experiment as cli
+    monkeypatch.setitem(experts.BENCHMARKS, "tiny", TINY_SPEC)
+    help_text = cli.build_parser().format_help()
+    for opt in ("--ablations", "--fewshot", "--head", "--sample-draws", "--clip-model", "--budget-trials", "--shots"):
+        assert opt in help_text, opt
+    prefix = tmp_path / "results" / "ablations_tiny"
+    rc = cli.main(["--preset", "full", "--benchmark", "tiny", "--seeds", "0", "--ablations", "prior",
+                   "--ablation-gram", "data_free", "--ablation-trials", "1", "--designer", "quasi_random",
+                   "--validation-examples", "16", "--scale-grid", "task_arithmetic=0.5",
+                   "--cache-dir", tiny_cache(tmp_path_factory), "--run-dir", str(tmp_path / "run"),
+                   "--export", str(prefix), "--quiet"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "## Prior strength" in cap.out and "ρ → ∞ (anchor)" in cap.out
+    data = json.load(open(str(prefix) + ".json"))
+    assert data["benchmark"] == "tiny" and {r["ablation"] for r in data["records"]} == {"prior"}
+    assert os.path.getsize(str(prefix) + "_prior.png") > 0 and os.path.getsize(str(prefix) + ".md") > 0
+    assert cli.main(["--ablations", "prior", "--fewshot", "--run-dir", str(tmp_path / "x"), "--quiet"]) == 2
+    assert cli.main(["--clip-model", "x", "--run-dir", str(tmp_path / "x"), "--quiet"]) == 2

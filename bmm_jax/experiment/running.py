@@ -20,8 +20,6 @@ from bmm_jax.experiment.records import (METRIC_KEYS, ExperimentResult, MethodKey
                                         format_table, method_order, record, records_csv, summary_csv)
 
 EXAMPLE_FIELDS = ("correct", "nll", "confidence")
-# Anchors restricted to the benchmark's regressed modules (label tree); the others act on every leaf.
-LABELLED_ANCHORS = ("tsv", "iso_c", "iso_cts", "wudi", "regmean")
 
 
 def _select(inputs, idx):
@@ -250,8 +248,7 @@ class SeedRun:
         t0 = time.perf_counter()
         fn = A.get(name)
         grid = self.config.grid(name) if name in SCALED else None
-        labels = b.adapter.labels if name in LABELLED_ANCHORS else None
-        kw = anchor_kwargs(fn, labels=labels, scale=1.0 if grid else None)
+        kw = anchor_kwargs(fn, labels=b.adapter.labels, scale=1.0 if grid else None)
         if name == "wudi":
             kw["steps"] = self.config.wudi_steps
         if name == "regmean":
