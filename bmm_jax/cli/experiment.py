@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "<dir>/clip-vit-base-patch32_<name>; '{seed}' in the path selects one folder per seed")
     g.add_argument("--clip-data", default=None, help="image folders <dir>/<task>/<split>/<label>/<image>")
     g.add_argument("--clip-tasks", nargs="+", default=None, metavar="TASK",
-                   help="a subset of sun397 cars resisc45 eurosat svhn gtsrb mnist dtd (default: all eight)")
+                   help="a subset of sun397 cars resisc45 eurosat svhn gtsrb mnist dtd (default: all eight); "
+                        "clip8 runs seed 0 unless --seeds is given (with '{seed}' in --clip-experts)")
     p.add_argument("--cache-dir", default=None, help="expert cache root (default $BMM_JAX_CACHE or ~/.cache/bmm_jax)")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<name>); a rerun resumes in it")
     p.add_argument("--name", default=None, help="experiment name (default: the preset's)")
@@ -141,7 +142,11 @@ def _benchmark(args):
 
 def config_from_args(args):
     from bmm_jax.experiment import preset
-    ov = dict(benchmark=_benchmark(args), seeds=args.seeds, baselines=args.baselines, bmm_anchors=args.anchors,
+    bench = _benchmark(args)
+    seeds = args.seeds
+    if seeds is None and args.benchmark == "clip8":
+        seeds = (0,)                      # one set of downloaded experts
+    ov = dict(benchmark=bench, seeds=seeds, baselines=args.baselines, bmm_anchors=args.anchors,
               bmm_grams=args.grams, bmm_hparams=args.hparams, module_grouping=args.grouping,
               shared_trials=args.shared_trials, module_trials=args.module_trials, designer=args.designer,
               head=args.head, validation_examples=args.validation_examples, test_examples=args.test_examples,
