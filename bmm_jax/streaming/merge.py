@@ -552,7 +552,10 @@ def merge_checkpoints(base, experts: Sequence, out, *, method: str = "bmm", anch
     labels = tensor_labels({n: b.info(n).shape for n in b.names()}, include=include, exclude=exclude, naming=naming)
     hp = None
     if method == "bmm":
-        from bmm_jax.merging import resolve_hparams
+        try:
+            from bmm_jax.hparams import resolve_hparams
+        except ImportError:                                # pragma: no cover - older layout
+            from bmm_jax.merging import resolve_hparams
         from bmm_jax.solve import check_prior
         check_prior(prior)
         if not any(l.regressed for l in labels.values()):
