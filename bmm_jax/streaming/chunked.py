@@ -7,8 +7,8 @@ where the elected sum is exactly 0, and averages the agreeing entries. On a Llam
 runs the same computation over row chunks of the memory-mapped tensors:
 
 1. the per-task thresholds by a radix selection on the IEEE bits of ``|tau|`` (non-negative
-   floats are ordered like their integer bits): three histogram passes over the chunks (bits
-   30-19, 18-8, 7-0), exact, no sort buffer;
+   floats are ordered like their integer bits): two histogram passes over the chunks (bits
+   30-15, then 14-0 of the entries in the selected bin), exact, no sort buffer;
 2. the leaf's majority sign: one pass summing the elected signs;
 3. the merged rows, chunk by chunk, written as they are produced.
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_PASSES = ((19, 12), (8, 11), (0, 8))     # (shift, bits) of the radix digits of a 31-bit pattern
+_PASSES = ((15, 16), (0, 15))            # (shift, bits) of the radix digits of a 31-bit pattern
 
 
 @jax.jit
@@ -75,7 +75,7 @@ def kth_largest_abs_chunked(chunks: ChunkFn, k: int, num_experts: int) -> np.nda
     """Per task, the exact ``k``-th largest ``|theta_k - theta_0|`` over all chunks -> ``[K]`` float32.
 
     ``chunks()`` yields ``(base_rows, [expert_rows])`` (numpy or jax arrays) covering the tensor; it
-    is called three times (one histogram pass per radix digit).
+    is called twice (one histogram pass per radix digit).
     """
     prefix = np.zeros(num_experts, np.int64)
     rank = np.full(num_experts, k, np.int64)
@@ -101,7 +101,7 @@ def ties_chunked(chunks: ChunkFn, num_entries: int, num_experts: int, *, density
     """TIES of one tensor over row chunks; ``write(chunk_index, merged_rows)`` receives the result.
 
     Args:
-      chunks: ``() -> iterator of (base_rows, [expert_rows])`` over the tensor (called 5 times).
+      chunks: ``() -> iterator of (base_rows, [expert_rows])`` over the tensor (called 4 times).
       num_entries: elements of the whole tensor (``n``; ``k = max(1, floor(density n))``).
       num_experts: K.
       density, scale: as in :func:`bmm_jax.anchors.ties`.
