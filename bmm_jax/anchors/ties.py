@@ -71,10 +71,9 @@ def digit_histogram(bits, prefix, shift: int, width: int, count_dtype=jnp.int32)
     flat = bits.reshape(rows, -1)
     nbins = 1 << width
     digit = ((flat >> shift) & (nbins - 1)).astype(jnp.int32)
-    match = (flat >> (shift + width)) == prefix[:, None]
     index = digit + (jnp.arange(rows, dtype=jnp.int32) * nbins)[:, None]
-    hist = jnp.zeros((rows * nbins,), count_dtype).at[index.reshape(-1)].add(
-        match.reshape(-1).astype(count_dtype))
+    index = jnp.where((flat >> (shift + width)) == prefix[:, None], index, rows * nbins)
+    hist = jnp.zeros((rows * nbins,), count_dtype).at[index.reshape(-1)].add(1, mode="drop")
     return hist.reshape(rows, nbins)
 
 
@@ -116,29 +115,46 @@ GROUP_ENTRIES = 2 ** 22           # entries of one group of small leaves (bounds
 
 
 def _group_taus(base_leaves, expert_leaves):
-    """``[K, n_i]`` task vectors of every leaf of a group, each in its compute dtype."""
+    """Per leaf of a group, the K flat task vectors ``[n_i]`` in the leaf's compute dtype (a list
+    per task, never stacked: the passes below fuse into one loop over the K + 1 inputs)."""
     out = []
     for b, es in zip(base_leaves, expert_leaves):
         cd = compute_dtype(b.dtype)
-        bb = b.astype(cd)
-        out.append(jnp.stack([e.astype(cd) - bb for e in es]).reshape(len(es), -1))
+        bb = b.astype(cd).reshape(-1)
+        out.append([e.astype(cd).reshape(-1) - bb for e in es])
     return out
 
 
-def _group_bits(parts, sel_dtype):
-    bits = [abs_bits(p.astype(sel_dtype)) for p in parts]
-    return bits[0] if len(bits) == 1 else jnp.concatenate(bits, axis=1)
+def _row_histogram(bits, prefix, shift: int, width: int, count_dtype, nbits: int):
+    """``[2**width]`` counts of the digit ``(bits >> shift) & (2**width - 1)`` among the entries of
+    the 1-D ``bits`` whose higher bits equal ``prefix`` (one scatter, non-matching dropped)."""
+    nbins = 1 << width
+    digit = ((bits >> shift) & (nbins - 1)).astype(jnp.int32)
+    if shift + width < nbits:
+        digit = jnp.where((bits >> (shift + width)) == prefix, digit, nbins)
+    return jnp.zeros((nbins,), count_dtype).at[digit].add(1, mode="drop")
 
 
 @functools.partial(jax.jit, static_argnames=("shift", "width", "sel_dtype", "count_dtype"))
 def _group_histogram(base_leaves, expert_leaves, prefix, shift, width, sel_dtype, count_dtype):
-    bits = _group_bits(_group_taus(base_leaves, expert_leaves), sel_dtype)
-    return digit_histogram(bits, prefix, shift, width, count_dtype)
+    parts = _group_taus(base_leaves, expert_leaves)
+    nbits = 63 if np.dtype(sel_dtype) == np.float64 else 31
+    rows = []
+    for k in range(len(expert_leaves[0])):
+        bits = [abs_bits(leaf[k].astype(sel_dtype)) for leaf in parts]
+        bits = bits[0] if len(bits) == 1 else jnp.concatenate(bits)
+        rows.append(_row_histogram(bits, prefix[k], shift, width, count_dtype, nbits))
+    return jnp.stack(rows)
 
 
 def _trim_elect(taus, thresh, sel_dtype):
-    trimmed = jnp.where(jnp.abs(taus).astype(sel_dtype) >= thresh[:, None], taus, jnp.zeros_like(taus))
-    return trimmed, jnp.sign(jnp.sum(trimmed, axis=0))
+    """Trimmed task vectors (list over tasks) and the elected signs of one leaf."""
+    trimmed = [jnp.where(jnp.abs(t).astype(sel_dtype) >= thresh[k], t, jnp.zeros_like(t))
+               for k, t in enumerate(taus)]
+    total = trimmed[0]
+    for t in trimmed[1:]:
+        total = total + t
+    return trimmed, jnp.sign(total)
 
 
 @functools.partial(jax.jit, static_argnames=("sel_dtype", "count_dtype"))
@@ -151,10 +167,14 @@ def _group_sign_sum(base_leaves, expert_leaves, thresh, sel_dtype, count_dtype):
 
 
 def _disjoint_mean(trimmed, elected):
-    agree = jnp.where(elected > 0, trimmed > 0, trimmed < 0)
-    total = jnp.sum(jnp.where(agree, trimmed, jnp.zeros_like(trimmed)), axis=0)
-    count = jnp.sum(agree, axis=0, dtype=jnp.int32).astype(trimmed.dtype)
-    return total / jnp.maximum(count, 1.0)
+    """Mean of the entries of ``trimmed`` (a list over tasks) agreeing with ``elected``."""
+    total = jnp.zeros_like(elected)
+    count = jnp.zeros(elected.shape, jnp.int32)
+    for t in trimmed:
+        agree = jnp.where(elected > 0, t > 0, t < 0)
+        total = total + jnp.where(agree, t, jnp.zeros_like(t))
+        count = count + agree.astype(jnp.int32)
+    return total / jnp.maximum(count.astype(total.dtype), 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("sel_dtype",))
@@ -180,7 +200,7 @@ def ties_merge_flat(taus, k):
     elected = jnp.sign(jnp.sum(trimmed, axis=0))
     majority = jnp.sign(jnp.sum(elected))
     elected = jnp.where(elected == 0, majority, elected)
-    return _disjoint_mean(trimmed, elected)
+    return _disjoint_mean(list(trimmed), elected)
 
 
 # ------------------------------------------------------------------------------ model-wide trim
