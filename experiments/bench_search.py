@@ -25,6 +25,19 @@ Three parts (``--parts``), each merged into one JSON file (``--out``) and printe
     ``c_g ~ U(-3.5, 1.5)``, ``d_g ~ U(0.7, 1.3)``, ``w_g ~ U(0.5, 1.5)`` normalised to sum 1
     (maximum 1), drawn per function seed; ``--seeds`` function/designer seeds per setting.
 
+``throughput``
+    Trials per minute of the search on MiniLM-5 against ``SearchConfig.batch_size``
+    (``--batch-sizes``, default 1 4 8): the library's default objective (mean validation accuracy,
+    ``SearchConfig.validation_examples`` = 128 per task; batched: vmapped forward over the
+    trials' params; an arm ``BmM`` such as ``4m1`` runs batch size ``B`` with the forward vmapped
+    over ``M`` models per call, ``members_per_call=M``), the GP bandit, the module-wise (``type``) space, BMM with data-free Grams on
+    a TA(0.3) anchor. Every measured search resumes a copy of one template study holding
+    ``--tp-warm`` finished trials (so every arm's suggestions come from a fitted GP) and runs
+    ``--tp-trials`` more (the exact anchor is not evaluated). One untimed warm-up search per arm
+    (compilations), then ``--tp-rounds`` rounds in which the arms run in turn, A/B interleaved, the
+    order rotated every round. Reported per arm: the median over rounds of trials per minute of the
+    whole ``search`` call, and its split (designer seconds, evaluation seconds: params + objective).
+
 ``minilm``
     The real MiniLM-5 benchmark (``bmm_jax.experts.build_experts("minilm5", seed=0)``, read from the
     cache only: the part refuses to run while a builder is running or a manifest is missing).
@@ -41,6 +54,7 @@ Usage::
 
     .venv/bin/python experiments/bench_search.py --parts latency synthetic
     .venv/bin/python experiments/bench_search.py --parts minilm --real-trials 25
+    .venv/bin/python experiments/bench_search.py --parts throughput --batch-sizes 1 4 8
     .venv/bin/python experiments/bench_search.py --quick          # smoke test (~2 min)
 """
 from __future__ import annotations
@@ -102,9 +116,11 @@ def latency_worker(designer: str, dims: int, n_init: int, n_suggest: int, seed: 
     # a SearchSpace with the box of the problem, only for SafeDesigner's validity checks
     space = _Box(names)
     lat, cpu, fallbacks = [], [], 0
+    import contextlib
+    scope = contextlib.ExitStack()
     if designer == "gp_bandit_cached":  # the search's persistent JAX compilation cache, pre-filled
-        from bmm_jax.search import _setup_jax_cache
-        _setup_jax_cache(os.environ["BMM_BENCH_JAX_CACHE"])
+        from bmm_jax.search import _jax_cache
+        scope.enter_context(_jax_cache(os.environ["BMM_BENCH_JAX_CACHE"]))
         designer_name = "gp_bandit"
     else:
         designer_name = designer
@@ -131,6 +147,7 @@ def latency_worker(designer: str, dims: int, n_init: int, n_suggest: int, seed: 
             fallbacks += src != "designer"
             trials.append(completed(point, len(trials) + 1))
             safe.update([trials[-1]])
+    scope.close()
     return {"designer": designer, "dims": dims, "n_init": n_init, "latencies": lat, "cpu_seconds": cpu,
             "fallbacks": fallbacks, "first": lat[0],
             "steady_median": statistics.median(lat[1:]) if len(lat) > 1 else None,
@@ -411,7 +428,7 @@ def run_minilm(args) -> dict:
         return {"per_task": acc, "mean": float(np.mean(list(acc.values()))), "seconds": time.time() - t}
 
     t = time.time()
-    anchor = anchors.task_arithmetic(bench.base_params, bench.expert_params, scale=args.ta_scale)
+    anchor = anchors.task_arithmetic(bench.base_params, bench.expert_params, anchor_scale=args.ta_scale)
     anchor_s = time.time() - t
     t = time.time()
     prep = bmm_jax.prepare(bench.base_params, bench.expert_params, anchor)  # data-free Grams
@@ -434,8 +451,9 @@ def run_minilm(args) -> dict:
     out["searches"] = {}
     for name, grouping, designer in searches:
         run_dir = os.path.join(args.run_root, f"minilm5_{grouping}_{designer}_t{args.real_trials}")
+        extra = {} if args.real_batch_size is None else {"batch_size": args.real_batch_size}
         cfg = bmm_jax.search.SearchConfig(grouping=grouping, num_trials=args.real_trials, designer=designer,
-                                          seed=0, validation_examples=args.val_examples)
+                                          seed=0, validation_examples=args.val_examples, **extra)
         t = time.time()
         res = bmm_jax.search(prep, None, cfg, run_dir=run_dir, anchor=anchor, adapter=ad, heads=bench.heads,
                              tasks=tasks, progress=not args.no_progress, verbose=True)
@@ -465,6 +483,127 @@ def run_minilm(args) -> dict:
     return out
 
 
+def _minilm_setup(args):
+    """(bench, anchor, prep) of MiniLM-5 from the expert cache (refuses while a builder runs)."""
+    import bmm_jax
+    from bmm_jax import anchors
+    from bmm_jax.experts import TEXT_TASKS, build_experts
+    if _builder_running():
+        raise SystemExit("an expert builder (build_experts) is running; the MiniLM-5 parts read the cache only")
+    missing = _manifests_ready(TEXT_TASKS)
+    if missing:
+        raise SystemExit(f"no minilm5 seed0 expert manifest for {missing}; build the experts first")
+    bench = build_experts("minilm5", seed=0, progress=False)
+    anchor = anchors.task_arithmetic(bench.base_params, bench.expert_params, anchor_scale=args.ta_scale)
+    prep = bmm_jax.prepare(bench.base_params, bench.expert_params, anchor)  # data-free Grams
+    return bench, anchor, prep
+
+
+def run_throughput(args) -> dict:
+    import shutil
+    import bmm_jax
+    load0 = _load()
+    t = time.time()
+    bench, anchor, prep = _minilm_setup(args)
+    setup_s = time.time() - t
+    tasks = list(bench.tasks)
+    root = os.path.join(args.run_root, "throughput")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+
+    def cfg(b, n):
+        return bmm_jax.search.SearchConfig(grouping="type", num_trials=n, designer=args.real_designer, seed=0,
+                                           validation_examples=args.val_examples, batch_size=b, anchor_trial=False)
+
+    def one(arm, run_dir, n):
+        b, m = _arm(arm)
+        kw = {}
+        if m is not None:
+            kw["batched_objective"] = bmm_jax.search.make_batched_objective(
+                adapter=bench.adapter, heads=bench.heads, tasks=tasks, validation_examples=args.val_examples,
+                members_per_call=m)
+        t0 = time.perf_counter()
+        res = bmm_jax.search(prep, None, cfg(b, n), run_dir=run_dir, adapter=bench.adapter, heads=bench.heads,
+                             tasks=tasks, progress=False, verbose=False, **kw)
+        wall = time.perf_counter() - t0
+        new = [tr for tr in res.trials if tr.id > args.tp_warm]
+        return {"arm": arm, "batch_size": b, "members_per_call": m or b, "wall_s": wall, "trials": len(new),
+                "trials_per_min": 60.0 * len(new) / wall,
+                "suggest_s": sum(tr.suggest_seconds or 0.0 for tr in new),
+                "eval_s": sum(tr.seconds or 0.0 for tr in new),
+                "best": max(tr.value for tr in res.trials if tr.value is not None),
+                "fallbacks": sum(tr.source.startswith("fallback") for tr in new), "load": _load()}
+
+    template = os.path.join(root, "template")
+    t = time.time()
+    one(max(args.batch_sizes, key=lambda a: _arm(a)[0]), template, args.tp_warm)
+    template_s = time.time() - t
+    print(f"  template study: {args.tp_warm} trials in {template_s:.0f} s", flush=True)
+    n = args.tp_warm + args.tp_trials
+
+    def fresh(name):
+        d = os.path.join(root, name)
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(template, d, ignore=shutil.ignore_patterns(".search.lock"))
+        return d
+
+    warm = {}
+    for b in args.batch_sizes:      # compilations (vmapped params and forward, set acquisition) untimed
+        r = one(b, fresh(f"warm_b{b}"), args.tp_warm + _arm(b)[0])
+        warm[b] = r["wall_s"]
+        print(f"  warm-up B={b}: {r['wall_s']:.0f} s", flush=True)
+    rows = []
+    for rnd in range(args.tp_rounds):
+        order = args.batch_sizes[rnd % len(args.batch_sizes):] + args.batch_sizes[:rnd % len(args.batch_sizes)]
+        for b in order:
+            r = one(b, fresh(f"r{rnd}_b{b}"), n)
+            r["round"] = rnd
+            rows.append(r)
+            print(f"  round {rnd} B={b}: {r['trials']} trials in {r['wall_s']:.0f} s = "
+                  f"{r['trials_per_min']:.2f} trials/min (designer {r['suggest_s']:.0f} s, evaluation "
+                  f"{r['eval_s']:.0f} s; load {r['load']})", flush=True)
+    summary = {}
+    for b in args.batch_sizes:
+        rs = [r for r in rows if r["arm"] == b]
+        summary[str(b)] = {k: statistics.median(r[k] for r in rs)
+                           for k in ("trials_per_min", "wall_s", "suggest_s", "eval_s")}
+        summary[str(b)]["per_round"] = [round(r["trials_per_min"], 3) for r in rs]
+    base = summary[str(args.batch_sizes[0])]["trials_per_min"]
+    for b in args.batch_sizes:
+        summary[str(b)]["ratio_vs_first"] = summary[str(b)]["trials_per_min"] / base
+        # paired per round: the arms of one round ran back to back
+        pairs = [r["trials_per_min"] / f["trials_per_min"] for r in rows if r["arm"] == b
+                 for f in rows if f["arm"] == args.batch_sizes[0] and f["round"] == r["round"]]
+        summary[str(b)]["paired_ratio_median"] = statistics.median(pairs)
+    return {"rows": rows, "summary": summary, "warmup_s": warm, "setup_s": setup_s, "template_s": template_s,
+            "warm_trials": args.tp_warm, "trials_per_search": args.tp_trials, "rounds": args.tp_rounds,
+            "batch_sizes": args.batch_sizes, "validation_examples": args.val_examples, "grouping": "type",
+            "designer": args.real_designer, "load_before": load0, "load_after": _load(), "cpu_count": os.cpu_count(),
+            "note": "trials/min of whole search calls (study reopened, designer re-fed, reports written) "
+                    "resuming a copy of one template study; medians over rounds; A/B interleaved on a shared "
+                    "machine (see load)"}
+
+
+def _arm(arm: str) -> tuple[int, int | None]:
+    """``"4"`` -> ``(4, None)``; ``"4m1"`` -> ``(4, 1)`` (batch size, members per forward call)."""
+    b, _, m = str(arm).partition("m")
+    return int(b), (int(m) if m else None)
+
+
+def throughput_table(res: dict) -> str:
+    head = ["batch_size (mM: M models per forward call)", "trials/min (median)", "per round", "vs B=" + str(res["batch_sizes"][0]),
+            "paired ratio", "designer s", "evaluation s", "wall s"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for b in res["batch_sizes"]:
+        s = res["summary"][str(b)]
+        lines.append(f"{b} | {s['trials_per_min']:.2f} | {s['per_round']} | {s['ratio_vs_first']:.2f}x | "
+                     f"{s['paired_ratio_median']:.2f}x | {s['suggest_s']:.0f} | {s['eval_s']:.0f} | {s['wall_s']:.0f}")
+    lines.append(f"({res['trials_per_search']} trials per search after {res['warm_trials']} finished, "
+                 f"{res['rounds']} rounds, {res['validation_examples']} validation examples per task, "
+                 f"load {res['load_before']} -> {res['load_after']})")
+    return "\n".join(lines)
+
+
 def minilm_table(res: dict) -> str:
     a = res["anchor"]
     head = ["model", "trials", "val (mean)", "test (mean)", "wall s"]
@@ -489,7 +628,7 @@ def minilm_table(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--parts", nargs="+", default=["latency", "synthetic"], choices=["latency", "synthetic", "minilm"])
+    p.add_argument("--parts", nargs="+", default=["latency", "synthetic"], choices=["latency", "synthetic", "minilm", "throughput"])
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON file; parts not run are kept from an existing file")
     p.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     g = p.add_argument_group("latency")
@@ -520,6 +659,15 @@ def main(argv=None) -> int:
     g.add_argument("--experts-reference", action="store_true", help="also evaluate each expert on its task")
     g.add_argument("--run-root", default=os.path.join(os.path.expanduser("~"), ".cache", "bmm_jax", "search_runs"))
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--real-batch-size", type=int, default=None,
+                   help="SearchConfig.batch_size of the minilm part's searches (default: the library's)")
+    g = p.add_argument_group("throughput (MiniLM-5; also uses --val-examples, --ta-scale, --real-designer, --run-root)")
+    g.add_argument("--batch-sizes", nargs="+", default=["1", "4", "8"],
+                   help="arms, the first is the reference: B, or BmM (batch size B, forward vmapped over M "
+                        "models per call)")
+    g.add_argument("--tp-warm", type=int, default=8, help="finished trials of the template study")
+    g.add_argument("--tp-trials", type=int, default=8, help="trials per measured search")
+    g.add_argument("--tp-rounds", type=int, default=3)
     # internal: one latency measurement in a fresh process
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-designer", help=argparse.SUPPRESS)
@@ -535,6 +683,7 @@ def main(argv=None) -> int:
         args.dims, args.latency_suggest, args.default_suggest, args.ucb_suggest = [4, 24], 3, 1, 2
         args.seeds, args.trials, args.groupings = 1, 8, ["type"]
         args.real_trials = 4
+        args.tp_warm, args.tp_trials, args.tp_rounds, args.batch_sizes = 4, 4, 1, ["1", "4"]
 
     results = {}
     if os.path.exists(args.out):
@@ -565,6 +714,11 @@ def main(argv=None) -> int:
         print(table, flush=True)
         if not args.quick:
             plot_synthetic(results["synthetic"], os.path.join(RESULTS, "bench_search_synthetic.png"))
+    if "throughput" in args.parts:
+        print("== MiniLM-5: search trials per minute vs batch_size", flush=True)
+        results["throughput"] = run_throughput(args)
+        save()
+        print(throughput_table(results["throughput"]), flush=True)
     if "minilm" in args.parts:
         print("== MiniLM-5: anchor vs shared vs module-wise BMM", flush=True)
         results["minilm"] = run_minilm(args)
