@@ -30,7 +30,8 @@ the first tensor, ``R0``) plus the working set of the largest tensor, never the 
                                                its Cholesky factor)
          = 4 (2 K + 2) n                       an anchor on a tensor held whole (task vectors,
                                                their transforms, the merged task vector)
-         = 3 chunk_bytes                       a chunked carried tensor
+         = 3 chunk_bytes                       a chunked carried tensor (6 chunk_bytes for TIES:
+                                               task vectors, |tau| bits, trimmed values)
 
 with ``n`` elements, ``s_in`` / ``s_out`` bytes per element. ``tests/test_streaming.py`` measures
 it in a subprocess; ``experiments/bench_llm.py`` merges a Llama-3.2-1B-shaped model (K = 4) inside
@@ -330,12 +331,14 @@ def _plan(base: Checkpoint, experts: Sequence[Checkpoint], labels: dict, *, meth
     return plan
 
 
-def working_set_bytes(t: _Tensor, k: int, method: str, in_itemsize: int, chunk_bytes: int) -> int:
+def working_set_bytes(t: _Tensor, k: int, method: str, in_itemsize: int, chunk_bytes: int,
+                      ties: bool = False) -> int:
     """The working set ``W(t)`` of one tensor (see the module docstring)."""
     n = int(np.prod(t.entry.shape, dtype=np.int64))
     out = n * t.entry.dtype.itemsize
     if t.chunked:
-        return 3 * chunk_bytes + out // max(1, len(row_chunks(t.entry.shape[0], n // t.entry.shape[0], k, chunk_bytes)))
+        return (6 if ties else 3) * chunk_bytes + out // max(1, len(row_chunks(t.entry.shape[0], n // t.entry.shape[0],
+                                                                                 k, chunk_bytes)))
     base = (k + 1) * n * in_itemsize + out
     l = t.label
     if l.regressed and method == "bmm":
@@ -596,7 +599,8 @@ def merge_checkpoints(base, experts: Sequence, out, *, method: str = "bmm", anch
                      carry=carry, prior=prior, weights=weights, chunk_bytes=chunk_bytes, naming=naming)
     by_name = {t.name: t for t in plan}
     in_itemsize = max(b.info(t.name).dtype.itemsize for t in plan)
-    bound = max((working_set_bytes(t, k, method, in_itemsize, chunk_bytes) for t in plan), default=0)
+    bound = max((working_set_bytes(t, k, method, in_itemsize, chunk_bytes, ties=anc.name == "ties") for t in plan),
+                default=0)
     t_merge = time.perf_counter()
     rss_start = rss_bytes()
     error = None
