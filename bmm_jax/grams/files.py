@@ -359,9 +359,11 @@ def load_grams(paths, labels: PyTree | None = None, *, rename=None) -> Grams:
             raise ValueError(f"rename maps two modules with different Grams to '{new}'")
         key_of[new] = g
     if labels is not None:
-        labs = regressed(labels)
-        if not labs and not label_list(labels):
+        if not label_list(labels) or not all(isinstance(l, Label) for l in label_list(labels)):
             raise TypeError("labels must be a label tree from bmm_jax.labels.build_labels")
+        labs = regressed(labels)
+        if not labs:
+            raise ValueError("the label tree selects no regressed module: no Gram to load")
         wanted = {}
         for l in labs:
             if l.path not in key_of:
