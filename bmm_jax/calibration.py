@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp

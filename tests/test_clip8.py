@@ -77,22 +77,20 @@ def clip_world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_heads(clip_world):
-    """Zero-shot heads computed prompt by prompt with the HF model's own get_text_features
-    (prompts tokenised one by one, unpadded; jitted per prompt length)."""
+    """Zero-shot heads from the HF model's own get_text_features, prompts tokenised one by one
+    (no attention mask; each prompt extended after its end-of-text token with more end-of-text
+    tokens, which the causal text tower and its first-end-of-text pooling ignore)."""
     import transformers as T
     tok = T.CLIPTokenizer.from_pretrained(str(clip_world["root"] / "clip"))
     model, params = clip_world["model"], clip_world["params"]
-    with jax.numpy_dtype_promotion("standard"):
-        feats = jax.jit(lambda ids: model.get_text_features(ids, params=params))
     out = {}
     for task in TASKS:
         prompts = [t.format(c=c) for c in C.CLASSNAMES[task] for t in C.TEMPLATES[task]]
         ids = [tok(p, return_tensors="np")["input_ids"][0] for p in prompts]
-        emb = np.zeros((len(prompts), 8))
-        for n in sorted({len(i) for i in ids}):
-            rows = [j for j, i in enumerate(ids) if len(i) == n]
-            with jax.numpy_dtype_promotion("standard"):
-                emb[rows] = np.asarray(feats(jnp.asarray(np.stack([ids[j] for j in rows]))), np.float64)
+        n = max(len(i) for i in ids)
+        batch = np.stack([np.concatenate([i, np.full(n - len(i), TEXT["eos_token_id"])]) for i in ids])
+        with jax.numpy_dtype_promotion("standard"):
+            emb = np.asarray(model.get_text_features(jnp.asarray(batch, jnp.int32), params=params), np.float64)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         m = emb.reshape(len(C.CLASSNAMES[task]), len(C.TEMPLATES[task]), -1).mean(1)
         out[task] = np.exp(float(params["logit_scale"])) * (m / np.linalg.norm(m, axis=1, keepdims=True)).T
@@ -151,7 +149,6 @@ def test_image_folder_loader(clip_world):
 
 def test_clip8_end_to_end(clip_world, reference_heads, tmp_path):
     from bmm_jax import experiment as X
-    from bmm_jax.evaluate import task_logits
     spec = C.clip8_benchmark(clip_world["root"] / "clip", clip_world["root"] / "experts", clip_world["root"] / "data",
                              tasks=TASKS)
     cfg = X.ExperimentConfig(benchmark=spec, seeds=(0,), baselines=("pretrained", "expert", "task_arithmetic"),

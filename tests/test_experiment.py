@@ -293,7 +293,7 @@ def test_run_experiment_tiny(tmp_path, tmp_path_factory):
     sampled_row = "task_arithmetic/data_free/shared"
     cfg = X.ExperimentConfig(
         benchmark=TINY_SPEC, seeds=(0,), baselines=("pretrained", "expert", "task_arithmetic", "regmean"),
-        bmm_anchors=("task_arithmetic",), bmm_grams=("data_free", "activations"), bmm_hparams=("shared", "module"),
+        bmm_anchors=("task_arithmetic",), bmm_grams=("data_free", "activations"), bmm_hparams=("shared",),
         scale_grids={"task_arithmetic": (0.2, 0.6, 1.0)}, cache_dir=tiny_cache(tmp_path_factory),
         sample_draws=2, sample_rows=(sampled_row,), sample_temperatures=(1e-3, 1e-1), bootstrap_resamples=300,
         run_dir=str(tmp_path / "run"), name="tiny", **FAST)
@@ -312,12 +312,12 @@ def test_run_experiment_tiny(tmp_path, tmp_path_factory):
     assert keys == {("pretrained", None, None, None), ("expert", None, None, None),
                     ("task_arithmetic", None, None, None), ("regmean", None, "activations", None),
                     ("bmm_sampled", "task_arithmetic", "data_free", "shared")} | {
-        ("bmm", "task_arithmetic", g, h) for g in ("data_free", "activations") for h in ("shared", "module")}
+        ("bmm", "task_arithmetic", g, "shared") for g in ("data_free", "activations")}
     assert len(recs) == len(keys) * 2 * 2          # x tasks x splits
     assert {r["split"] for r in recs} == {"test", "validation"} and {r["seed"] for r in recs} == {0}
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["nll"] > 0 and 0 <= r["ece"] <= 1 for r in recs)
     table = open(res.files["table"]).read()
-    for phrase in ("| BMM (TA, act, module) |", "| Individual experts |", "| BMM-sampled (TA, data-free, shared) |",
+    for phrase in ("| BMM (TA, act, shared) |", "| Individual experts |", "| BMM-sampled (TA, data-free, shared) |",
                    "frozen linear-probe head", "Calibration on test", "interval includes 0?"):
         assert phrase in table, phrase
     assert not [f for f in os.listdir(res.run_dir) if f.endswith(".tmp")]
@@ -347,12 +347,12 @@ def test_run_experiment_tiny(tmp_path, tmp_path_factory):
     # --- BMM: never below its anchor on validation; test accuracy = bmm_jax.merge with the found hparams
     gr = grams.data_free(bench.base_params, bench.expert_params, bench.adapter.labels)
     for g in ("data_free", "activations"):
-        for h in ("shared", "module"):
+        for h in ("shared",):
             m = info[f"bmm-task_arithmetic-{g}-{h}"]
             bval = np.mean([acc[("bmm", "task_arithmetic", g, h, t, "validation")] for t in "ab"])
             aval = np.mean([acc[("task_arithmetic", None, None, None, t, "validation")] for t in "ab"])
             assert bval >= aval - 1e-12 and m["anchor_scale"] == best_c
-            assert m["grouping"] == ("global" if h == "shared" else "type")
+            assert m["grouping"] == "global"
             if g == "data_free" and not m["kept_anchor"]:
                 merged, _ = bmm_jax.merge(bench.base_params, bench.expert_params, ta, gr, m["hparams"],
                                           labels=bench.adapter.labels)
@@ -382,12 +382,11 @@ def test_run_experiment_tiny(tmp_path, tmp_path_factory):
 
     # --- paired comparisons: the point estimate of BMM vs its anchor is the mean of per-task differences
     comps = {(c.key.slug, c.reference.slug): c for c in res.paired}
-    assert set(comps) == {(f"bmm-task_arithmetic-{g}-{h}", "task_arithmetic") for g in ("data_free", "activations")
-                          for h in ("shared", "module")} | {
+    assert set(comps) == {(f"bmm-task_arithmetic-{g}-shared", "task_arithmetic") for g in ("data_free", "activations")} | {
         ("bmm_sampled-task_arithmetic-data_free-shared", "task_arithmetic"),
         ("bmm_sampled-task_arithmetic-data_free-shared", "bmm-task_arithmetic-data_free-shared")}
-    c = comps[("bmm-task_arithmetic-activations-module", "task_arithmetic")]
-    diff = np.mean([acc[("bmm", "task_arithmetic", "activations", "module", t, "test")]
+    c = comps[("bmm-task_arithmetic-activations-shared", "task_arithmetic")]
+    diff = np.mean([acc[("bmm", "task_arithmetic", "activations", "shared", t, "test")]
                     - acc[("task_arithmetic", None, None, None, t, "test")] for t in "ab"])
     assert c.overall.mean == pytest.approx(diff) and c.overall.low <= diff <= c.overall.high
     assert c.num_examples == {0: 2 * SIZES["test"]}
@@ -429,7 +428,7 @@ def test_ablations_and_fewshot_tiny(tmp_path, tmp_path_factory):
         assert (a, setting, None) in got, (a, setting)
     assert {x for (a, _, x) in got if a == "budget"} == {0, 1, 2, 3}
     for ab in ("prior", "grouping", "budget", "rho_only", "prior_kind", "gram_grouping"):
-        assert os.path.getsize(res.files[f"plot_{ab}"]) > 0 and f"## " in res.table
+        assert os.path.getsize(res.files[f"plot_{ab}"]) > 0 and "## " in res.table
     r = {(x["ablation"], x["setting"], x["x"], x["split"]): x for x in recs}
     # the anchor item is the anchor; rho = 1e4 (s = 1) is the anchor up to ~1e-4 relative: same accuracy
     assert r[("prior", "one shared ρ, s = 1", 1e4, "test")]["accuracy"] == pytest.approx(

@@ -263,7 +263,7 @@ def run_ablations(config: ExperimentConfig, *, ablations: Sequence[str] = ABLATI
                 records += _records("gram_grouping", label, None, seed, it)
         details["seeds"][str(seed)] = {"items": {k: v.get("info") for k, v in ir.items.items()},
                                        "timings": sr.timings, "seconds": time.perf_counter() - t_seed}
-        del ir, sr
+        ir = sr = None     # free this seed's experts and factors before the next
     seconds = time.perf_counter() - t_start
     details["seconds"] = seconds
     title = f"{config.benchmark_name}: ablations of BMM ({anchor} anchor, {gram} Grams), seeds {list(config.seeds)}"

@@ -76,7 +76,7 @@ def run_fewshot(config: ExperimentConfig, *, shots: Sequence[int] = SHOTS, ancho
             records += _records("fewshot", "hybrid (β searched)", n, seed, it, beta=beta)
         details["seeds"][str(seed)] = {"items": {k: v.get("info") for k, v in ir.items.items()},
                                        "timings": sr.timings, "seconds": time.perf_counter() - t_seed}
-        del ir, sr
+        ir = sr = None     # free this seed's experts and factors before the next
     seconds = time.perf_counter() - t_start
     details["seconds"] = seconds
     title = f"{config.benchmark_name}: few-shot hybrid Grams ({anchor} anchor, {grouping} grouping), seeds {list(config.seeds)}"

@@ -18,7 +18,6 @@ Intervals are percentile intervals (``level`` = 0.95: the 2.5 and 97.5 percentil
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np

@@ -16,7 +16,7 @@ from bmm_jax.experiment.files import (atomic_write_json, atomic_write_npz, atomi
                                       read_npz)
 from bmm_jax.experiment.inputs import batches_of, rescale, subset_indices
 from bmm_jax.experiment.paired import Comparison, compare, format_paired_table
-from bmm_jax.experiment.records import (METRIC_KEYS, ExperimentResult, MethodKey, format_calibration_table,
+from bmm_jax.experiment.records import (ExperimentResult, MethodKey, format_calibration_table,
                                         format_table, method_order, record, records_csv, summary_csv)
 
 EXAMPLE_FIELDS = ("correct", "nll", "confidence")
@@ -496,7 +496,7 @@ def run_experiment(config: ExperimentConfig) -> ExperimentResult:
             "seconds": time.perf_counter() - t_seed,
             "tasks": None if sr._bench is None else list(sr.bench.tasks),
         }
-        del sr
+        sr = None          # free this seed's experts and factors before the next
     comparisons = paired_comparisons(config, jobs, run_dir)
     diagrams = pooled_reliability(config, jobs, run_dir)
     seconds = time.perf_counter() - t_start

@@ -23,11 +23,11 @@ AdamW fine-tuning), :mod:`~bmm_jax.experts.probes` (linear probes),
 """
 from __future__ import annotations
 
-from bmm_jax.experts.cache import (_adapter, _default_cache_dir, _read_manifest, _subset, build_experts,
-                                   data_hash)
-from bmm_jax.experts.config import HEAD_MODES, Benchmark, BenchmarkSpec, FinetuneConfig, LoadFn
-from bmm_jax.experts.finetune import (FinetuneResult, batch_plan, combine, finetune, like, lr_schedule,
-                                      make_optimizer, partition, schedule)
+from bmm_jax.experts.cache import (_adapter, _default_cache_dir, _read_manifest, _subset,  # noqa: F401
+                                   build_experts, data_hash)
+from bmm_jax.experts.config import HEAD_MODES, Benchmark, BenchmarkSpec, FinetuneConfig, LoadFn  # noqa: F401
+from bmm_jax.experts.finetune import (FinetuneResult, batch_plan, combine, finetune, like,  # noqa: F401
+                                      lr_schedule, make_optimizer, partition, schedule)
 from bmm_jax.experts.probes import ProbeFit, extract_features, linear_probe
 from bmm_jax.experts.registry import BENCHMARKS, TEXT_TASKS, VISION_TASKS, get_benchmark, scaled_image_load
 

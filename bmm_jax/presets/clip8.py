@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
