@@ -250,6 +250,9 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+ANCHOR_STEPS = ("average", "task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "wudi", "wudi_exact", "regmean")
+
+
 def run_step(name: str, quick: bool, num_experts: int, sigma: float, wudi_steps: int) -> dict:
     """Build the models, run ``name`` once, return its measurements."""
     t0 = time.perf_counter()
@@ -292,17 +295,24 @@ def run_step(name: str, quick: bool, num_experts: int, sigma: float, wudi_steps:
         pass
     elif name == "task_vectors":
         _block(bmm_jax.task_vectors(base, experts))
-    elif name in ("average", "ties", "tsv", "iso_c", "iso_cts"):
-        _block(bmm_jax.anchors.get(name)(base, experts))
-    elif name == "task_arithmetic":
-        _block(bmm_jax.anchors.task_arithmetic(base, experts, anchor_scale=0.3))
-    elif name == "wudi":
-        _block(bmm_jax.anchors.wudi(base, experts, steps=wudi_steps))
-        extra["adam_steps"] = wudi_steps
-    elif name == "wudi_exact":
-        _block(bmm_jax.anchors.wudi(base, experts, exact=True))
-    elif name == "regmean":
-        _block(bmm_jax.anchors.regmean(base, experts, grams=pre))
+    elif name in ANCHOR_STEPS:
+        # The anchors set no BLAS limits themselves; a user on a shared CPU opts in with the scoped
+        # bmm_jax.solve.lapack_single_thread() (multi-threaded OpenBLAS spins while it waits for
+        # its threads: on this loaded 2-core machine a 768 x 768 eigh / SVD runs 15-30x slower).
+        from bmm_jax.solve import lapack_single_thread
+        extra["lapack_single_thread"] = True
+        with lapack_single_thread():
+            if name in ("average", "ties", "tsv", "iso_c", "iso_cts"):
+                _block(bmm_jax.anchors.get(name)(base, experts))
+            elif name == "task_arithmetic":
+                _block(bmm_jax.anchors.task_arithmetic(base, experts, anchor_scale=0.3))
+            elif name == "wudi":
+                _block(bmm_jax.anchors.wudi(base, experts, steps=wudi_steps))
+                extra["adam_steps"] = wudi_steps
+            elif name == "wudi_exact":
+                _block(bmm_jax.anchors.wudi(base, experts, exact=True))
+            elif name == "regmean":
+                _block(bmm_jax.anchors.regmean(base, experts, grams=pre))
     elif name == "data_free_grams":
         g = bmm_jax.grams.data_free(base, experts)
         for path in g:
