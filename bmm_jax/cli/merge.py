@@ -21,6 +21,13 @@ Inputs (``--base`` / ``--experts`` / ``--model``):
 * (``--base`` / ``--model`` only) a built-in pretrained model: ``minilm`` (all-MiniLM-L6-v2) or
   ``effnet-lite0``.
 
+HF folders of PyTorch-named safetensors (what the Hub stores: Llama, Mistral, Qwen2, Gemma, GPT-2...)
+as --base and --experts are merged file to file, tensor by tensor, with
+:func:`bmm_jax.streaming.merge_checkpoints` (memory follows the largest module, not the model) into
+an HF folder (``--out-format hf``, the default there; ``orbax`` possible); ``--anchor-only`` writes
+the anchor merge itself; ``--coordinator HOST:PORT --num-processes N --process-id I`` shares the
+tensors between N processes (``jax.distributed``), one consistent output.
+
 Outputs: the merged params tree as an orbax checkpoint at ``--out`` (written atomically:
 :func:`bmm_jax.checkpoint.save`) and a JSON report (``--report``, default ``<out>.json``).
 Outputs are checked before anything is loaded: ``--out`` must be new, empty or a previous bmm_jax
