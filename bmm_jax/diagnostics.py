@@ -17,8 +17,21 @@ ARRAY_FIELDS = ("rho", "scale", "lambda", "delta_norm", "anchor_distance", "carr
 STATIC_FIELDS = ("kind", "block", "shape")
 
 
+class _MappingAccess:
+    """``get`` / ``keys`` / ``in`` on top of ``__getitem__`` (mapping-style access to a dataclass)."""
+
+    def get(self, key: str, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+
 @dataclasses.dataclass(frozen=True)
-class ModuleDiagnostics:
+class ModuleDiagnostics(_MappingAccess):
     """One regressed module.
 
     Arrays (float32 scalars, or with leading batch axes under ``vmap``): ``rho``, ``scale`` (assembly
@@ -45,12 +58,6 @@ class ModuleDiagnostics:
             return getattr(self, key)
         raise KeyError(key)
 
-    def get(self, key: str, default=None):
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
     def keys(self):
         return ARRAY_FIELDS + STATIC_FIELDS
 
@@ -68,7 +75,7 @@ jax.tree_util.register_dataclass(ModuleDiagnostics,
 
 
 @dataclasses.dataclass(frozen=True)
-class MergeDiagnostics:
+class MergeDiagnostics(_MappingAccess):
     """Whole-merge diagnostics: ``modules`` (``{path: ModuleDiagnostics}`` in tree order) and static
     ``carry``, ``prior``, ``num_experts``, ``devices``, ``factor_dtype``."""
     modules: dict
@@ -83,17 +90,8 @@ class MergeDiagnostics:
             return getattr(self, key)
         raise KeyError(key)
 
-    def get(self, key: str, default=None):
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
     def keys(self):
         return ("modules", "carry", "prior", "num_experts", "devices", "factor_dtype")
-
-    def __contains__(self, key) -> bool:
-        return key in self.keys()
 
     def to_dict(self) -> dict:
         """JSON-ready host copy (one ``jax.device_get`` of every module's arrays)."""

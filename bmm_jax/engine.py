@@ -30,7 +30,7 @@ import numpy as np
 
 from bmm_jax.grams.data_free import normalized_weights
 from bmm_jax.labels import Label
-from bmm_jax.solve import HIGHEST, _solve_one, normal_equations, normal_equations_factored
+from bmm_jax.solve import _solve_one, normal_equations, normal_equations_factored
 from bmm_jax.solve_lowrank import _data_free_alpha, _woodbury, prefer_woodbury
 
 HOWS = ("data_free", "factor", "dense")

@@ -145,6 +145,47 @@ def module_diagnostics(label: Label, rho, scale, st) -> ModuleDiagnostics:
                              label.kind, label.block, (label.d_in, label.d_out))
 
 
+class MergeInputs(NamedTuple):
+    """Validated inputs of :func:`merge` / :func:`bmm_jax.prepare`, flattened to leaf lists."""
+    experts: list
+    labels: PyTree
+    lab: list
+    k: int
+    w: Any
+    traced: bool
+    base_leaves: list
+    treedef: Any
+    anchor_leaves: list
+    expert_leaves: list
+    owned: bool
+
+
+def merge_inputs(base, experts, anchor, grams, *, labels, carry: str, prior: str, weights, validate: bool,
+                 also_traced=None) -> MergeInputs:
+    """The shell shared by :func:`merge` and :func:`bmm_jax.prepare`: static checks (experts, options,
+    labels, weights, the anchor's structure), the eager value checks unless traced or ``validate`` is
+    False, the anchor computed if named (``owned``), data-free Grams of other experts warned about."""
+    experts = check_experts(base, experts, check_finite=False)
+    check_option(carry, "carry mode", CARRY)
+    check_option(prior, "prior", PRIORS)
+    labels, lab = resolve_labels(labels, base)
+    w = check_weights(weights, len(experts))
+    if not isinstance(anchor, str) and anchor is not None:
+        anchor = resolve_anchor(anchor, base, experts)
+    traced = is_traced((base, experts, anchor, grams, weights, also_traced))
+    if validate and not traced:
+        from bmm_jax import validation
+        validation.validate(base, experts, None if isinstance(anchor, str) else anchor, grams, labels=labels)
+    owned = isinstance(anchor, str)            # computed here: nobody else holds its leaves
+    anchor = resolve_anchor(anchor, base, experts, grams=grams, labels=labels)
+    base_leaves, treedef = jax.tree_util.tree_flatten(base)
+    anchor_leaves = jax.tree_util.tree_leaves(anchor)
+    expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
+    warn_foreign_data_free(grams, lab, base_leaves, expert_leaves)
+    return MergeInputs(experts, labels, lab, len(experts), w, traced, base_leaves, treedef, anchor_leaves,
+                       expert_leaves, owned)
+
+
 # ------------------------------------------------------------------------------ merge
 def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: Mapping | None = None, *,
           labels: PyTree | None = None, carry: str = "anchor", prior: str = "isotropic", weights=None,
@@ -181,26 +222,13 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
       carry / prior, bad hparams, Grams missing or misshapen for a module, or (eagerly) a singular or
       overflowing system (the module is named).
     """
-    experts = check_experts(base, experts, check_finite=False)
-    check_option(carry, "carry mode", CARRY)
-    check_option(prior, "prior", PRIORS)
-    labels, lab = resolve_labels(labels, base)
-    hp = resolve_hparams({"rho": 1.0, "scale": 1.0} if hparams is None else hparams, labels)
-    k = len(experts)
-    w = check_weights(weights, k)
-    if not isinstance(anchor, str) and anchor is not None:
-        anchor = resolve_anchor(anchor, base, experts)
-    traced = is_traced((base, experts, anchor, grams, hparams, weights))
-    if validate and not traced:
-        from bmm_jax import validation
-        validation.validate(base, experts, None if isinstance(anchor, str) else anchor, grams, labels=labels)
-    owned = isinstance(anchor, str)            # computed here: nobody else holds its leaves
-    anchor = resolve_anchor(anchor, base, experts, grams=grams, labels=labels)
-    base_leaves, treedef = jax.tree_util.tree_flatten(base)
-    anchor_leaves = jax.tree_util.tree_leaves(anchor)
-    del anchor
-    expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
-    warn_foreign_data_free(grams, lab, base_leaves, expert_leaves)
+    hp_in = {"rho": 1.0, "scale": 1.0} if hparams is None else hparams
+    inp = merge_inputs(base, experts, anchor, grams, labels=labels, carry=carry, prior=prior, weights=weights,
+                       validate=validate, also_traced=hp_in)
+    labels, lab, k, w, traced = inp.labels, inp.lab, inp.k, inp.w, inp.traced
+    base_leaves, treedef, anchor_leaves, expert_leaves = inp.base_leaves, inp.treedef, inp.anchor_leaves, inp.expert_leaves
+    owned = inp.owned
+    hp = resolve_hparams(hp_in, labels)
     jobs, index = [], []
     for i, l in enumerate(lab):
         if not l.regressed:

@@ -21,15 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmm_jax._tree import PyTree, check_experts, is_traced
+from bmm_jax._tree import PyTree, is_traced
 from bmm_jax.diagnostics import MergeDiagnostics, ModuleDiagnostics
-from bmm_jax.engine import module_statistics, view_label
+from bmm_jax.engine import module_statistics
 from bmm_jax.hparams import check_number, check_scale, concrete_float, resolve_hparams
 from bmm_jax.labels import Label
 from bmm_jax.memory import maybe_trim
-from bmm_jax.solve import HIGHEST, EigenFactors, _factor_one, _solve_one, resolve_factors
-from bmm_jax.validation import (CARRY, PRIORS, check_option, check_weights, module_gram, resolve_labels,
-                                warn_foreign_data_free)
+from bmm_jax.solve import HIGHEST, EigenFactors, _factor_one, _solve_one
+from bmm_jax.validation import check_option, module_gram
 
 FACTOR_DTYPES = ("float32", "bfloat16")
 # float32 elements of statistics per stack on one device (a stack's factors are formed module by
@@ -400,29 +399,15 @@ def prepare(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, *, labe
     error ~1e-3 of ``Delta``, fine for ranking hyperparameters; compute the final model with
     :func:`bmm_jax.merge`.
     """
-    from bmm_jax.merging import resolve_anchor, resolve_mesh
-    experts = check_experts(base, experts, check_finite=False)
-    check_option(carry, "carry mode", CARRY)
-    check_option(prior, "prior", PRIORS)
+    from bmm_jax.merging import merge_inputs, resolve_mesh
     check_option(factor_dtype, "factor_dtype", FACTOR_DTYPES)
     if factor_dtype != "float32" and prior != "isotropic":
         raise ValueError(f"factor_dtype={factor_dtype!r} needs prior='isotropic' (the diagonal prior has "
                          "no eigen fast path: it re-solves by float32 Cholesky)")
-    labels, lab = resolve_labels(labels, base)
-    k = len(experts)
-    w = check_weights(weights, k)
-    if not isinstance(anchor, str) and anchor is not None:
-        anchor = resolve_anchor(anchor, base, experts)
-    traced = is_traced((base, experts, anchor, grams, weights))
-    if validate and not traced:
-        from bmm_jax import validation
-        validation.validate(base, experts, None if isinstance(anchor, str) else anchor, grams, labels=labels)
-    anchor = resolve_anchor(anchor, base, experts, grams=grams, labels=labels)
-    base_leaves, treedef = jax.tree_util.tree_flatten(base)
-    anchor_leaves = jax.tree_util.tree_leaves(anchor)
-    del anchor
-    expert_leaves = [jax.tree_util.tree_leaves(e) for e in experts]
-    warn_foreign_data_free(grams, lab, base_leaves, expert_leaves)
+    inp = merge_inputs(base, experts, anchor, grams, labels=labels, carry=carry, prior=prior, weights=weights,
+                       validate=validate)
+    experts, labels, lab, k, w, traced = inp.experts, inp.labels, inp.lab, inp.k, inp.w, inp.traced
+    base_leaves, treedef, anchor_leaves, expert_leaves = inp.base_leaves, inp.treedef, inp.anchor_leaves, inp.expert_leaves
     jobs, index = [], []
     for i, l in enumerate(lab):
         if l.regressed:

@@ -58,12 +58,7 @@ def single_thread_lapack(fn):
     return wrapper
 
 
-def check_rho(rho, where: str = "") -> None:
-    r = np.asarray(rho, dtype=np.float64)
-    if not np.all(np.isfinite(r)):
-        raise ValueError(f"rho must be finite{where}, got {rho}")
-    if np.any(r < 0):
-        raise ValueError(f"rho must be >= 0{where}, got {rho}")
+from bmm_jax.hparams import check_rho  # noqa: E402  (one definition, re-exported)
 
 
 def check_prior(prior: str) -> None:

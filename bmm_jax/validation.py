@@ -18,7 +18,7 @@ import numpy as np
 
 from bmm_jax._tree import PyTree, all_finite, check_experts, check_tree_finite, is_traced, leaves_with_paths
 from bmm_jax.grams._base import Grams
-from bmm_jax.labels import Label, build_labels, check_labels, label_list
+from bmm_jax.labels import Label, build_labels, check_labels
 
 CARRY = ("anchor", "base", "mean")
 PRIORS = ("isotropic", "diagonal")

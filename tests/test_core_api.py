@@ -319,7 +319,7 @@ def test_resolve_hparams_groups_and_errors():
         resolve_hparams({"rho": "big"}, labels)
     with pytest.raises(ValueError, match=r"rho must be >= 0 \(hparams\['k'\]\)"):
         resolve_hparams({"k": {"rho": -2.0}, "global": {"rho": 1.0}}, labels)
-    with pytest.raises(ValueError, match="scale must be finite"):
+    with pytest.raises(ValueError, match=r"\['scale'\] must be finite"):
         resolve_hparams({"rho": 1.0, "scale": float("inf")}, labels)
     with pytest.raises(ValueError, match=r"hparams\['q'\] has no 'rho'"):
         resolve_hparams({"q": {"scale": 1.0}, "global": {"rho": 1.0}}, labels)

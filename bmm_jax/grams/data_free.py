@@ -10,7 +10,6 @@ so no ``[K, d, d]`` array and no copy of the task vectors is kept.
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 
 from bmm_jax._tree import PyTree, check_experts, leaves_with_paths
 from bmm_jax.grams._base import Grams
-from bmm_jax.labels import Label, build_labels, check_labels, label_list
+from bmm_jax.labels import Label, build_labels, check_labels
 
 
 @jax.jit
