@@ -94,6 +94,9 @@ def check_hparam(value, name: str, *, low: float | None = None, low_open: bool =
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value}")
+    if name == "anchor_scale":        # negative: an error; 0 or above 10: a warning
+        from bmm_jax.hparams import check_scale
+        check_scale(v, name)
     if low is not None and (v <= low if low_open else v < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value}")
     if high is not None and v > high:
