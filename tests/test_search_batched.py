@@ -187,6 +187,15 @@ def test_batched_objective_result_forms_and_errors(tmp_path):
                    anchor=anchor, progress=False, verbose=False)
     assert seen == [1, 2, 2, 1]                      # the anchor, two full batches, the last trial alone
     assert all(t.value == pytest.approx(0.5) and t.metrics["norm/a"] == pytest.approx(0.5) for t in res.trials)
+    # a make_batched_objective(...) result is taken as it is (its own kind must match the search's)
+    made = S.make_batched_objective(per_task, kind="normalized", expert_accuracy={"a": 0.8, "b": 0.6})
+    seen.clear()
+    res = S.search(prep, None, S.SearchConfig(num_trials=3, designer="quasi_random", batch_size=2,
+                                              objective="normalized", **FAST),
+                   run_dir=str(tmp_path / "e"), batched_objective=made, anchor=anchor, progress=False, verbose=False)
+    assert seen == [1, 2, 1] and all(t.value == pytest.approx(0.5) for t in res.trials)
+    with pytest.raises(ValueError, match="kind='normalized'"):
+        S.search(prep, None, cfg, run_dir=str(tmp_path / "f"), batched_objective=made, progress=False, verbose=False)
 
 
 @pytest.mark.parametrize("value, exc", [(0, ValueError), (-2, ValueError), (2.0, TypeError), ("4", TypeError),

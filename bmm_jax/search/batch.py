@@ -124,7 +124,8 @@ def make_batched_objective(batched: Callable | None = None, *, kind: str = "accu
                            validation_examples: int | None = 128, members_per_call: int | None = None,
                            load: Callable | None = None):
     """The batched version of :func:`bmm_jax.search.make_objective`: a function ``params_batch ->
-    [(value, metrics)] * k`` (attribute ``batched = True``).
+    [(value, metrics)] * k`` (attribute ``batched = True``; :func:`bmm_jax.search.search` accepts
+    it as ``batched_objective=``, e.g. to lower ``members_per_call``).
 
     Either ``batched(params_batch)`` returning the ``k`` results (module docstring), or the pieces
     ``adapter, heads, tasks``: mean validation accuracy of each model from
@@ -162,7 +163,12 @@ def make_batched_objective(batched: Callable | None = None, *, kind: str = "accu
         return [result_to_value(r, kind, expert_accuracy) for r in split_results(batched(params_batch), k)]
 
     evaluate.batched = True
+    evaluate.kind = kind          # marks a converted evaluator: results are already (value, metrics)
     return evaluate
+
+
+def _is_converted(fn) -> bool:
+    return is_batched(fn) and getattr(fn, "kind", None) in ("accuracy", "normalized")
 
 
 def resolve_objectives(objective, batched_objective, *, make_objective: Callable, kind: str, batch_size: int,
@@ -182,6 +188,19 @@ def resolve_objectives(objective, batched_objective, *, make_objective: Callable
             raise ValueError("the objective is batched (batched=True) and batched_objective is given too; "
                              "pass one of them")
         batched_objective, objective = objective, None
+    if batched_objective is not None and _is_converted(batched_objective):
+        # a make_batched_objective(...) result: used as it is
+        if batched_objective.kind != kind:
+            raise ValueError(f"batched_objective was made with kind={batched_objective.kind!r} but the search's "
+                             f"objective is {kind!r}; make it with kind={kind!r}")
+        if objective is None:
+            def evaluate(params):
+                return batched_objective(stack_params([params]))[0]
+        else:
+            evaluate = make_objective(objective, kind=kind, adapter=adapter, heads=heads, tasks=tasks,
+                                      expert_accuracy=expert_accuracy, evaluate_fn=evaluate_fn,
+                                      validation_examples=validation_examples)
+        return evaluate, batched_objective
     if batched_objective is not None and objective is None:
         objective = single_from_batched(batched_objective)
     evaluate = make_objective(objective, kind=kind, adapter=adapter, heads=heads, tasks=tasks,
