@@ -31,6 +31,9 @@ _LAZY = ("search", "data", "models", "evaluate", "experts", "checkpoint", "exper
 
 
 def __getattr__(name):           # heavy subpackages (Vizier, transformers, TFDS) load on first use
+    if name == "merge_checkpoints":      # streaming file-to-file merge (safetensors / orbax)
+        from bmm_jax.streaming import merge_checkpoints
+        return merge_checkpoints
     if name in _LAZY:
         return importlib.import_module(f"bmm_jax.{name}")
     raise AttributeError(f"module 'bmm_jax' has no attribute {name!r}")
