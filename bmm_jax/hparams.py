@@ -118,6 +118,15 @@ def check_scale(scale: float, what: str) -> None:
                       "extrapolates far beyond the experts", stacklevel=3)
 
 
+def check_keys(hparams) -> None:
+    """Static shape of an ``hparams`` argument: a dict whose group keys are strings."""
+    if not isinstance(hparams, Mapping):
+        raise TypeError(f"hparams must be a dict, got {type(hparams).__name__}")
+    for k in hparams:
+        if not isinstance(k, str):
+            raise TypeError(f"hparams keys must be strings (group names), got {type(k).__name__} ({k!r})")
+
+
 def module_keys(label: Label) -> tuple[str, ...]:
     """Lookup keys of a module's hyperparameters, most specific first."""
     keys = [label.path]

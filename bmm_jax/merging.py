@@ -31,7 +31,7 @@ import numpy as np
 from bmm_jax._tree import PyTree, check_experts, is_traced
 from bmm_jax.diagnostics import MergeDiagnostics, ModuleDiagnostics
 from bmm_jax.engine import ModuleJob, solve_modules
-from bmm_jax.hparams import FALLBACK_KEYS, KIND_ALIASES, module_keys, resolve_hparams
+from bmm_jax.hparams import FALLBACK_KEYS, KIND_ALIASES, check_keys, module_keys, resolve_hparams
 from bmm_jax.labels import Label
 from bmm_jax.memory import maybe_trim
 from bmm_jax.validation import (CARRY, PRIORS, check_option, check_weights, module_gram, resolve_labels, validate,
@@ -223,6 +223,7 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
       overflowing system (the module is named).
     """
     hp_in = {"rho": 1.0, "scale": 1.0} if hparams is None else hparams
+    check_keys(hp_in)
     inp = merge_inputs(base, experts, anchor, grams, labels=labels, carry=carry, prior=prior, weights=weights,
                        validate=validate, also_traced=hp_in)
     labels, lab, k, w, traced = inp.labels, inp.lab, inp.k, inp.w, inp.traced
