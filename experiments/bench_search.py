@@ -38,6 +38,13 @@ Three parts (``--parts``), each merged into one JSON file (``--out``) and printe
     order rotated every round. Reported per arm: the median over rounds of trials per minute of the
     whole ``search`` call, and its split (designer seconds, evaluation seconds: params + objective).
 
+``components``
+    Where a MiniLM-5 trial's time goes, per trial, for each batch size of ``--batch-sizes``
+    (medians of ``--comp-repeats`` interleaved repeats after a warm-up): the merged params (eager
+    ``prep.params`` per trial vs one jitted ``jax.vmap(prep.params)`` per batch) and the validation
+    evaluation (:func:`bmm_jax.evaluate.evaluate` per trial vs :func:`~bmm_jax.evaluate.evaluate_batch`,
+    the forward vmapped over the batch).
+
 ``minilm``
     The real MiniLM-5 benchmark (``bmm_jax.experts.build_experts("minilm5", seed=0)``, read from the
     cache only: the part refuses to run while a builder is running or a manifest is missing).
@@ -584,6 +591,65 @@ def run_throughput(args) -> dict:
                     "machine (see load)"}
 
 
+def run_components(args) -> dict:
+    import jax
+    import numpy as np
+    from bmm_jax.evaluate import evaluate, evaluate_batch
+    from bmm_jax.search import SearchConfig, build_space
+    from bmm_jax.search.batch import BatchRunner
+    load0 = _load()
+    bench, anchor, prep = _minilm_setup(args)
+    tasks = list(bench.tasks)
+    space = build_space(prep.labels, SearchConfig(grouping="type"))
+    rng = np.random.default_rng(0)
+    sizes = sorted({_arm(a)[0] for a in args.batch_sizes})
+    points = [{n: float(rng.uniform(lo, hi)) for n, (lo, hi) in space.bounds.items()} for _ in range(max(sizes))]
+    single = BatchRunner(space, prep.params, None, None, 1)
+    runners = {b: BatchRunner(space, prep.params, None, None, b) for b in sizes if b > 1}
+
+    def timed(f):
+        t = time.perf_counter()
+        jax.block_until_ready(f())
+        return time.perf_counter() - t
+
+    def measure(b):
+        pts = points[:b]
+        if b == 1:
+            params = single.merged(pts[0])
+            tp = timed(lambda: single.merged(pts[0]))
+            te = timed(lambda: evaluate(bench.adapter, params, bench.heads, tasks, split="validation",
+                                        max_examples=args.val_examples))
+        else:
+            pb = runners[b].params_batch(pts)
+            tp = timed(lambda: runners[b].params_batch(pts))
+            te = timed(lambda: evaluate_batch(bench.adapter, pb, bench.heads, tasks, split="validation",
+                                              max_examples=args.val_examples))
+        return tp / b, te / b
+
+    for b in sizes:  # warm-up: compilations
+        measure(b)
+    rows = {b: [] for b in sizes}
+    for rep in range(args.comp_repeats):
+        for b in sizes[rep % len(sizes):] + sizes[:rep % len(sizes)]:
+            rows[b].append(measure(b))
+    out = {str(b): {"params_s_per_trial": statistics.median(r[0] for r in rows[b]),
+                    "eval_s_per_trial": statistics.median(r[1] for r in rows[b]),
+                    "repeats": [[round(x, 3) for x in r] for r in rows[b]]} for b in sizes}
+    return {"per_batch_size": out, "batch_sizes": sizes, "validation_examples": args.val_examples,
+            "load_before": load0, "load_after": _load()}
+
+
+def components_table(res: dict) -> str:
+    head = ["batch_size", "params s/trial", "evaluation s/trial"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for b in res["batch_sizes"]:
+        r = res["per_batch_size"][str(b)]
+        lines.append(f"{b} | {r['params_s_per_trial']:.3f} | {r['eval_s_per_trial']:.2f}")
+    lines.append(f"({res['validation_examples']} validation examples per task; load {res['load_before']} -> "
+                 f"{res['load_after']})")
+    return "\n".join(lines)
+
+
 def _arm(arm: str) -> tuple[int, int | None]:
     """``"4"`` -> ``(4, None)``; ``"4m1"`` -> ``(4, 1)`` (batch size, members per forward call)."""
     b, _, m = str(arm).partition("m")
@@ -628,7 +694,7 @@ def minilm_table(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--parts", nargs="+", default=["latency", "synthetic"], choices=["latency", "synthetic", "minilm", "throughput"])
+    p.add_argument("--parts", nargs="+", default=["latency", "synthetic"], choices=["latency", "synthetic", "minilm", "throughput", "components"])
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON file; parts not run are kept from an existing file")
     p.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     g = p.add_argument_group("latency")
@@ -668,6 +734,7 @@ def main(argv=None) -> int:
     g.add_argument("--tp-warm", type=int, default=8, help="finished trials of the template study")
     g.add_argument("--tp-trials", type=int, default=8, help="trials per measured search")
     g.add_argument("--tp-rounds", type=int, default=3)
+    g.add_argument("--comp-repeats", type=int, default=3, help="repeats of the components part")
     # internal: one latency measurement in a fresh process
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-designer", help=argparse.SUPPRESS)
@@ -719,6 +786,11 @@ def main(argv=None) -> int:
         results["throughput"] = run_throughput(args)
         save()
         print(throughput_table(results["throughput"]), flush=True)
+    if "components" in args.parts:
+        print("== MiniLM-5: per-trial params and evaluation time vs batch_size", flush=True)
+        results["components"] = run_components(args)
+        save()
+        print(components_table(results["components"]), flush=True)
     if "minilm" in args.parts:
         print("== MiniLM-5: anchor vs shared vs module-wise BMM", flush=True)
         results["minilm"] = run_minilm(args)
