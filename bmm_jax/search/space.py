@@ -138,7 +138,11 @@ class SearchConfig:
         acquisition (q-UCB over sets of ``B`` points, :func:`bmm_jax.search.make_designer`) so
         the points of a batch differ. Not part of the study's identity: a study may be resumed
         with another batch size. Memory: ``B`` merged models (plus the objective's activations for
-        ``B`` models when batched).
+        ``B`` models when batched); use ``1`` where a few copies of the model do not fit. Default
+        4: on MiniLM-5 (2-core CPU, ``experiments/bench_search.py --parts throughput``) 4.3
+        trials/min against 3.8 at ``B = 1`` (8: 4.5), the gain coming from one set suggestion per
+        batch (the CPU forward pass is FLOP-bound, so its cost per trial does not change); on an
+        accelerator the vmapped forward also fills the device.
     """
     grouping: str = "type"
     num_trials: int = 50
