@@ -264,11 +264,16 @@ def run_ablations(config: ExperimentConfig, *, ablations: Sequence[str] = ABLATI
         details["seeds"][str(seed)] = {"items": {k: v.get("info") for k, v in ir.items.items()},
                                        "timings": sr.timings, "seconds": time.perf_counter() - t_seed}
         ir = sr = None     # free this seed's experts and factors before the next
+    title = f"{config.benchmark_name}: ablations of BMM ({anchor} anchor, {gram} Grams), seeds {list(config.seeds)}"
+    return finish_run(records, out_dir, title, details, config, "ablations", t_start)
+
+
+def finish_run(records, out_dir, title: str, details: dict, config, name: str, t_start: float) -> "AblationResult":
+    """Write a runner's records (table, JSON, plots under ``name``) and return its :class:`AblationResult`."""
     seconds = time.perf_counter() - t_start
     details["seconds"] = seconds
-    title = f"{config.benchmark_name}: ablations of BMM ({anchor} anchor, {gram} Grams), seeds {list(config.seeds)}"
     files = write_ablations(records, out_dir, title=title, details=details, config=config, plots=config.plots,
-                            name="ablations")
+                            name=name)
     with open(files["table"]) as f:
         table = f.read()
     return AblationResult(records, table, out_dir, files, details, seconds)

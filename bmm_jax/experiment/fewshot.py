@@ -15,7 +15,7 @@ import os
 import time
 from typing import Sequence
 
-from bmm_jax.experiment.ablations import AblationResult, ItemRun, _records, write_ablations
+from bmm_jax.experiment.ablations import AblationResult, ItemRun, _records, finish_run
 from bmm_jax.experiment.config import ExperimentConfig
 
 SHOTS = (1, 2, 4, 8, 16, 32, 64, 256)
@@ -77,14 +77,8 @@ def run_fewshot(config: ExperimentConfig, *, shots: Sequence[int] = SHOTS, ancho
         details["seeds"][str(seed)] = {"items": {k: v.get("info") for k, v in ir.items.items()},
                                        "timings": sr.timings, "seconds": time.perf_counter() - t_seed}
         ir = sr = None     # free this seed's experts and factors before the next
-    seconds = time.perf_counter() - t_start
-    details["seconds"] = seconds
     title = f"{config.benchmark_name}: few-shot hybrid Grams ({anchor} anchor, {grouping} grouping), seeds {list(config.seeds)}"
-    files = write_ablations(records, out_dir, title=title, details=details, config=config, plots=config.plots,
-                            name="fewshot")
-    with open(files["table"]) as f:
-        table = f.read()
-    return AblationResult(records, table, out_dir, files, details, seconds)
+    return finish_run(records, out_dir, title, details, config, "fewshot", t_start)
 
 
 __all__ = ["SHOTS", "run_fewshot"]
