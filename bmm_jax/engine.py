@@ -72,7 +72,7 @@ def module_statistics(view: tuple, how: str, base_leaf, expert_leaves, gram, anc
     t = task_kernels(label, base_leaf, expert_leaves)
     w = jnp.asarray(weights, jnp.float32)
     if how == "data_free":          # F_k F_k^T = T_k T_k^T / ||T_k||^2: no [K, d_in, d_out] factor array
-        s, b = normal_equations_factored(t, t, normalized_weights(t, w))
+        s, b = normal_equations_factored(t, t, normalized_weights(t, w), self_factored=True)
     elif how == "factor":
         s, b = normal_equations_factored(t, gram.astype(jnp.float32), w)
     elif how == "dense":
@@ -191,14 +191,19 @@ def solve_stack(view: tuple, how: str, prior: str, base_leaves, expert_leaves: S
     return jax.vmap(fn, in_axes=in_axes)(base_leaves, list(expert_leaves), grams, anchor_leaves, weights, rho, scale)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _solve_module_jit(view, how, prior, check_singular, out_sharding, base_leaf, expert_leaves, gram, anchor_leaf,
-                      weights, rho, scale):
+def _solve_module_body(view, how, prior, check_singular, out_sharding, base_leaf, expert_leaves, gram, anchor_leaf,
+                       weights, rho, scale):
     leaf, status = solve_module(view, how, prior, base_leaf, expert_leaves, gram, anchor_leaf, weights, rho, scale,
                                 check_singular=check_singular)
     if out_sharding is not None:
         leaf = jax.lax.with_sharding_constraint(leaf, out_sharding)
     return leaf, status
+
+
+_solve_module_jit = jax.jit(_solve_module_body, static_argnums=(0, 1, 2, 3, 4))
+# The same, writing the merged leaf into the anchor leaf's buffer (an anchor the caller owns, of the
+# base's shape and dtype): the merged model then takes no memory beyond the anchor's.
+_solve_module_jit_into_anchor = jax.jit(_solve_module_body, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(8,))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -229,9 +234,16 @@ def _sharding_of(x):
     return None
 
 
-# Cap on the float32 elements of one stacked chunk (statistics of its modules): the eager driver
-# blocks after every chunk, so its transient memory is about one chunk on top of the inputs.
+# Cap on the float32 elements of one chunk's working set (task kernels and their transforms, S, B,
+# the result; :func:`working_elements`): the eager driver blocks after every chunk, so its transient
+# memory is about one chunk on top of the inputs. A module above the cap is a chunk of its own.
 CHUNK_ELEMENTS = 2 ** 24
+
+
+def working_elements(d_in: int, d_out: int, k: int) -> int:
+    """Float32 elements a module's solve holds at once: the ``K`` task kernels and one transform of
+    them, ``T_a``, ``B`` and the result (``(2K + 3) d_in d_out``), ``S`` and its factor (``2 d_in^2``)."""
+    return (2 * k + 3) * d_in * d_out + 2 * d_in * d_in
 
 
 def _chunks(jobs: Sequence[ModuleJob], n_devices: int, max_elements: int = CHUNK_ELEMENTS):
@@ -245,7 +257,7 @@ def _chunks(jobs: Sequence[ModuleJob], n_devices: int, max_elements: int = CHUNK
         groups.setdefault(key, []).append(j)
     for key, idx in groups.items():
         (_, d_in, d_out) = key[0]
-        per = d_in * d_in + 2 * d_in * d_out
+        per = working_elements(d_in, d_out, len(jobs[idx[0]].experts))
         cap = n_devices * max(1, max_elements // (n_devices * per))
         n_chunks = -(-len(idx) // cap)
         size = -(-len(idx) // n_chunks)
@@ -262,13 +274,19 @@ def _pad_stack(arrays: Sequence, target: int):
 
 
 def solve_modules(jobs: Sequence[ModuleJob], weights, prior: str, *, mesh=None, traced: bool = False,
-                  progress=None, after_chunk=None):
+                  progress=None, after_chunk=None, release_anchors: bool = False):
     """Merged leaves and statuses of every job: ``([leaf], [ModuleStatus])`` in job order.
 
     ``traced``: apply :func:`solve_module` directly (inside the caller's trace). Otherwise eager:
     ``mesh`` (a :class:`jax.sharding.Mesh` over more than one device) stacks same-shape modules over
     its devices; without one each module is one jitted call whose output keeps the base leaf's
     sharding. Eager calls block after each chunk (bounded memory) and call ``after_chunk()``.
+
+    ``release_anchors`` (eager, ``jobs`` a list, the anchor owned by the caller): replace each job by
+    one without its anchor leaf as soon as the module is dispatched, and (single device) donate the
+    anchor leaf so the merged leaf is written into its buffer (never when the anchor leaf is the base
+    or an expert leaf): the anchor and the merged model then take one model's memory together, not
+    two, and no module-sized output is allocated between transients (less heap fragmentation).
     """
     if traced:
         out = [solve_module((j.label.layout, j.label.d_in, j.label.d_out), j.how, prior, j.base, list(j.experts),
@@ -281,14 +299,23 @@ def solve_modules(jobs: Sequence[ModuleJob], weights, prior: str, *, mesh=None, 
         pending, size = [], 0
         for j, job in enumerate(jobs):
             l = job.label
-            leaf, st = _solve_module_jit((l.layout, l.d_in, l.d_out), job.how, prior, job.check_singular,
-                                         _sharding_of(job.base), jnp.asarray(job.base),
-                                         [jnp.asarray(e) for e in job.experts], job.gram, jnp.asarray(job.anchor),
-                                         weights, jnp.float32(job.rho) if _is_py(job.rho) else job.rho,
-                                         jnp.float32(job.scale) if _is_py(job.scale) else job.scale)
+            anchor = job.anchor
+            donate = (release_anchors and isinstance(anchor, jax.Array) and anchor.dtype == job.base.dtype
+                      and anchor.shape == job.base.shape and not anchor.is_deleted()
+                      and all(anchor is not x for x in (job.base, *job.experts)))   # never a user's array
+            fn = _solve_module_jit_into_anchor if donate else _solve_module_jit
+            if release_anchors:
+                jobs[j] = job._replace(anchor=None)
+            leaf, st = fn((l.layout, l.d_in, l.d_out), job.how, prior, job.check_singular,
+                          _sharding_of(job.base), jnp.asarray(job.base),
+                          [jnp.asarray(e) for e in job.experts], job.gram, jnp.asarray(anchor),
+                          weights, jnp.float32(job.rho) if _is_py(job.rho) else job.rho,
+                          jnp.float32(job.scale) if _is_py(job.scale) else job.scale)
+            del anchor
             leaves[j], statuses[j] = leaf, st
+            size += working_elements(l.d_in, l.d_out, len(job.experts))
+            del job
             pending.append(leaf)
-            size += l.d_in * l.d_in + 2 * l.d_in * l.d_out
             if size >= CHUNK_ELEMENTS:
                 jax.block_until_ready(pending)
                 pending, size = [], 0
@@ -319,6 +346,10 @@ def solve_modules(jobs: Sequence[ModuleJob], weights, prior: str, *, mesh=None, 
         scale = place(_pad_stack([jnp.float32(j.scale) for j in sel], target))
         out, st = _solve_stack_jit(view, how, prior, check_singular, base, experts, grams, anchor, weights, rho, scale)
         del base, experts, grams, anchor
+        if release_anchors:
+            for j in idx:
+                jobs[j] = jobs[j]._replace(anchor=None)
+            del sel
         for pos, j in enumerate(idx):
             leaves[j] = out[pos]
             statuses[j] = jax.tree_util.tree_map(lambda x: x[pos], st)

@@ -9,9 +9,10 @@ on ViT-B/32 shapes with K = 8 (``experiments/bench_merge.py``) the full merge's 
 
 Two remedies, both glibc-only (no-ops returning ``False`` elsewhere):
 
-* :func:`trim` (``malloc_trim(0)``) hands the heap's free pages back now. :func:`bmm_jax.merge`
-  and :func:`bmm_jax.prepare` call it after every chunk of modules (ViT-B/32, K = 8: merge peak
-  4.46 -> 3.98 GiB for ~3 s of re-faulted pages).
+* :func:`trim` (``malloc_trim(0)``) hands the heap's free pages back now. Inside
+  :func:`trimming` (opt-in, scoped), :func:`bmm_jax.merge` and :func:`bmm_jax.prepare` call it
+  after every chunk of modules (ViT-B/32, K = 8: merge peak 4.46 -> 3.98 GiB for ~3 s of
+  re-faulted pages). Outside it they never touch the allocator.
 * :func:`release_freed_memory` (opt-in, process-wide) fixes the mmap threshold, so every buffer of
   at least ``threshold_bytes`` is its own mapping, unmapped when jax frees it: the lowest peak
   (3.94 GiB there) at the price of a page fault per fresh page (~+15 % merge time).

@@ -241,10 +241,13 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
         jobs.append(ModuleJob(l, how, base_leaves[i], es, g, anchor_leaves[i], rho, scale, check_singular))
         index.append(i)
     the_mesh = None if traced else resolve_mesh(mesh, devices, (base, experts))
-    leaves, statuses = solve_modules(jobs, w, prior, mesh=the_mesh, traced=traced, after_chunk=maybe_trim)
-    if owned:                                  # an owned anchor's module leaves are not needed any more
+    release = owned and not traced             # an owned anchor's module leaves: freed as their modules are solved
+    if release:
         for i in index:
             anchor_leaves[i] = None
+        del inp
+    leaves, statuses = solve_modules(jobs, w, prior, mesh=the_mesh, traced=traced, after_chunk=maybe_trim,
+                                     release_anchors=release)
     if not traced:
         host = jax.device_get([s._asdict() for s in statuses])   # one transfer of every module's status
         for job, st in zip(jobs, host):

@@ -264,8 +264,10 @@ def child_merge(cache: str, method: str, out: str, nproc: int = 1, pid: int = 0,
           "bmm": dict(method="bmm", anchor="task_arithmetic", anchor_scale=TA_SCALE, hparams=BMM_HPARAMS)}[method]
     if nproc > 1:
         kw.update(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+    from bmm_jax.memory import trimming
     t0 = time.perf_counter()
-    rep = merge_checkpoints(base, experts, out, report_path="", progress=True, **kw)
+    with trimming():                                 # as bmm-merge: freed heap pages returned after every tensor
+        rep = merge_checkpoints(base, experts, out, report_path="", progress=True, **kw)
     return {"merge_seconds": time.perf_counter() - t0, "bound_bytes": rep["memory"]["working_set_bound_bytes"],
             "rss_before_merge_bytes": rep["memory"]["rss_before_merge_bytes"],
             "peak_rss_in_process_bytes": rep["memory"]["peak_rss_bytes"], "shards": rep["shards"],

@@ -139,6 +139,8 @@ def test_presets():
     assert p.name == "effnet4-paper" and p.module_trials == 50 and p.validation_examples == 128
     assert p.sample_draws == 8 and p.bmm_hparams == ("module",) and p.resolved_head == "frozen"
     assert p.samples("tsv", "activations", "module") and not f.samples("tsv", "activations", "module")
+    assert p.samples("task_arithmetic", "activations", "module") and not p.samples("ties", "activations", "module")
+    assert not p.samples("tsv", "data_free", "module")
     assert X.preset("paper", sample_rows=("*/activations/*",)).samples("ties", "activations", "module")
     assert not X.preset("paper", sample_rows=("*/activations/*",)).samples("ties", "data_free", "module")
     assert X.preset("full", head="lpft").protocol()["finetune"]["head"] == "lpft"

@@ -106,6 +106,28 @@ def test_merge_eager_jit_and_traced_hparams_match_numpy(model):
     assert res.diagnostics["carry"] == "anchor" and m["kind"] == "q"
 
 
+def test_owned_anchor_is_written_into_but_user_arrays_never_are(model):
+    """A named anchor is computed by merge and its buffers reused for the output (donated); the
+    user's base / expert / anchor arrays stay alive and unchanged, and the result is the numpy one."""
+    base, experts = model
+    b, es = _trees(base, experts)
+    before = [np.asarray(x).copy() for x in jax.tree_util.tree_leaves((b, es))]
+    ref = np_merge(base, experts, 0.3, 0.9)
+    _close(bmm_jax.merge(b, es, "task_arithmetic", None, {"rho": 0.3, "scale": 0.9}).params, ref)
+    anchor = bmm_jax.anchors.task_arithmetic(b, es, anchor_scale=0.3)
+    anchor_before = [np.asarray(x).copy() for x in jax.tree_util.tree_leaves(anchor)]
+    _close(bmm_jax.merge(b, es, anchor, None, {"rho": 0.3, "scale": 0.9}).params, ref)
+    for x, y in zip(jax.tree_util.tree_leaves((b, es)), before):
+        assert not x.is_deleted()
+        np.testing.assert_array_equal(np.asarray(x), y)
+    for x, y in zip(jax.tree_util.tree_leaves(anchor), anchor_before):
+        assert not x.is_deleted()
+        np.testing.assert_array_equal(np.asarray(x), y)
+    # an anchor whose leaves are the base's own arrays (anchor_scale 0): nothing of the user's donated
+    out = bmm_jax.merge(b, es, "task_arithmetic", None, {"rho": 0.3, "scale": 0.9}, carry="base").params
+    assert all(not x.is_deleted() for x in jax.tree_util.tree_leaves((b, es, out)))
+
+
 def test_merge_with_grams_object_and_dense_dict_under_jit(model):
     base, experts = model
     b, es = _trees(base, experts)

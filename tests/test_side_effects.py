@@ -104,6 +104,16 @@ SCRIPT = textwrap.dedent(r'''
     prep.params({"rho": 0.1, "scale": 1.2})
     t = np.stack([e["mlp_in"]["kernel"] - base["mlp_in"]["kernel"] for e in experts])
     bmm_jax.solve_anchored(t, np.stack([np.eye(6, dtype=np.float32)] * 3), t.mean(0), rho=0.3)
+
+    # --- a streamed file-to-file merge (tiny random Llama)
+    import tempfile
+    from bmm_jax.streaming.synthetic import hf_config, write_expert, write_random_model
+    with tempfile.TemporaryDirectory() as root:
+        cfg = hf_config("llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, vocab_size=40, tie_word_embeddings=True)
+        b = write_random_model(os.path.join(root, "base"), cfg, seed=0)
+        es = [write_expert(os.path.join(root, f"e{i}"), b, seed=i + 1) for i in range(2)]
+        bmm_jax.merge_checkpoints(b, es, os.path.join(root, "out"), report_path="")
     after_calls = snapshot()
     unasked = list(calls)
     bmm_jax.memory.trim()                           # asked for: the recorder must see it

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "data-free and activation Grams, module-wise hyper-parameters); 'full': every method, "
                         "seeds 0 1 2; 'paper': the paper's protocol (frozen expert heads, every method, module-wise "
                         "BMM with the library's default budget of 50 trials, 128 validation examples per task, "
-                        "sampled BMM rows with 8 posterior draws, seeds 0 1 2)")
+                        "sampled counterparts of the TA and TSV-M activation-Gram rows with 8 posterior draws, "
+                        "seeds 0 1 2)")
     p.add_argument("--benchmark", default=None,
                    help="benchmark: minilm5, effnet4, or clip8 (with --clip-model, --clip-experts, --clip-data)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,

@@ -736,12 +736,14 @@ def _run_streamed(args) -> dict:
     if args.process_id in (None, 0):
         check_outputs(shim)
     report_path = args.report or os.path.abspath(args.out).rstrip(os.sep) + ".json"
-    rep = merge_checkpoints(
-        args.base, args.experts, args.out, method="anchor" if args.anchor_only else "bmm", anchor=args.anchor,
-        anchor_scale=args.anchor_scale, grams=args.grams, hparams=_parse_hparams(args), carry=args.carry,
-        prior=args.prior, out_format=args.out_format or "hf", max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite, report_path=report_path, coordinator_address=args.coordinator,
-        num_processes=args.num_processes, process_id=args.process_id, progress=not args.quiet)
+    from bmm_jax.memory import trimming
+    with trimming():                                   # this process is ours: hand freed pages back per tensor
+        rep = merge_checkpoints(
+            args.base, args.experts, args.out, method="anchor" if args.anchor_only else "bmm", anchor=args.anchor,
+            anchor_scale=args.anchor_scale, grams=args.grams, hparams=_parse_hparams(args), carry=args.carry,
+            prior=args.prior, out_format=args.out_format or "hf", max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite, report_path=report_path, coordinator_address=args.coordinator,
+            num_processes=args.num_processes, process_id=args.process_id, progress=not args.quiet)
     rep["report"] = report_path
     rep["validation"] = None
     return rep

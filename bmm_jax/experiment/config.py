@@ -266,7 +266,10 @@ class ExperimentConfig:
 # Presets: "default" is the README main job (MiniLM-5, seed 0, a representative subset);
 # "full" is the README tables (every method, 3 seeds); "paper" the paper's protocol: frozen heads,
 # the library's default search budget (50 trials), 128 validation examples per task, module-wise
-# hyper-parameters, and sampled BMM rows (8 posterior draws).
+# hyper-parameters, and sampled counterparts (8 posterior draws) of the TA and TSV-M rows with
+# activation Grams. Only two rows are sampled: a sampled row costs about as much as a 50-trial search
+# on the 2-core CPU (the temperature search evaluates 8 draws at ~6 temperatures); pass
+# ``sample_rows=("*/*/*",)`` (``--sample-rows '*/*/*'``) to sample every BMM row.
 PRESETS: dict[str, dict] = {
     "default": dict(name="minilm5-default", benchmark="minilm5", seeds=(0,),
                     baselines=("pretrained", "expert", "task_arithmetic", "tsv"),
@@ -276,7 +279,8 @@ PRESETS: dict[str, dict] = {
                                  ("tsv", (0.5, 0.75, 1.0, 1.25, 1.5)))),
     "full": dict(name="full", seeds=(0, 1, 2)),
     "paper": dict(name="paper", seeds=(0, 1, 2), head="frozen", bmm_hparams=("module",), module_trials=50,
-                  shared_trials=50, validation_examples=128, sample_draws=8),
+                  shared_trials=50, validation_examples=128, sample_draws=8,
+                  sample_rows=("task_arithmetic/activations/module", "tsv/activations/module")),
 }
 
 

@@ -35,7 +35,10 @@ the first tensor, ``R0``) plus the working set of the largest tensor, never the 
 
 with ``n`` elements, ``s_in`` / ``s_out`` bytes per element. ``tests/test_streaming.py`` measures
 it in a subprocess; ``experiments/bench_llm.py`` merges a Llama-3.2-1B-shaped model (K = 4) inside
-a 3 GiB memory cgroup.
+a 3 GiB memory cgroup. Freed buffers go back to glibc's heap, where the next tensor's buffers
+reuse them; inside :func:`bmm_jax.memory.trimming` (what ``bmm-merge`` and the benchmark do) the
+heap's free pages are also returned to the OS after every tensor. The library never touches the
+allocator unless asked.
 
 Output: an HF folder (``config.json`` and tokenizer files copied from the base,
 ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``,
@@ -81,7 +84,7 @@ import numpy as np
 
 from bmm_jax import distributed
 from bmm_jax.labels import Label
-from bmm_jax.memory import peak_rss_bytes, rss_bytes, trim
+from bmm_jax.memory import maybe_trim, peak_rss_bytes, rss_bytes
 from bmm_jax.streaming.chunked import row_chunks, ties_chunked
 from bmm_jax.streaming.labels import detect_naming, flax_path, is_vocab_tensor, tensor_labels
 from bmm_jax.streaming.reader import Checkpoint
@@ -377,6 +380,29 @@ class _Merger:
         for c in (self.base, *self.experts):
             c.release(name, lo, hi)
 
+    def _prefetch(self, name: str, lo: int | None = None, hi: int | None = None) -> None:
+        for c in (self.base, *self.experts):
+            c.prefetch(name, lo, hi)
+
+    def _ranges(self, t: _Tensor, rows: int) -> list[tuple[int, int]]:
+        """Row chunks of a chunked / shared-rows tensor (the whole range for a whole-2-D anchor)."""
+        info = self.base.info(t.name)
+        row_el = int(np.prod(info.shape[1:], dtype=np.int64))
+        mode = "anchor" if self.method == "anchor" else self.carry
+        whole = self.anchor.whole_2d and len(info.shape) == 2 and mode == "anchor"
+        return [(0, rows)] if whole else row_chunks(rows, row_el, self.k, self.chunk_bytes)
+
+    def prefetch(self, t: _Tensor) -> None:
+        """Start reading tensor ``t`` (its first row chunk if it is merged by chunks) from every
+        checkpoint in the background, while the previous tensor is being merged."""
+        info = self.base.info(t.name)
+        if _is_float(info.dtype) and (t.chunked or t.shared_rows is not None):
+            rows = t.shared_rows if t.shared_rows is not None else info.shape[0]
+            lo, hi = self._ranges(t, rows)[0]
+            self._prefetch(t.name, lo, hi)
+        else:
+            self._prefetch(t.name)
+
     # ---- merging
     def tensor(self, t: _Tensor, write: Callable[[int, np.ndarray], None]) -> None:
         """Merge tensor ``t`` and hand its rows to ``write(start_row, rows)``."""
@@ -434,22 +460,27 @@ class _Merger:
     def _carried_rows(self, t: _Tensor, rows: int, write) -> None:
         """Rows [0, rows) of a carried tensor, by chunks (exact: see the module docstring)."""
         name, lab = t.name, t.label
-        info = self.base.info(name)
-        row_el = int(np.prod(info.shape[1:], dtype=np.int64))
         mode = "anchor" if self.method == "anchor" else self.carry
-        whole = self.anchor.whole_2d and len(info.shape) == 2 and mode == "anchor"
-        ranges = [(0, rows)] if whole else row_chunks(rows, row_el, self.k, self.chunk_bytes)
+        ranges = self._ranges(t, rows)
+
+        def ahead(i):                                    # the disk reads chunk i + 1 while chunk i is merged
+            self._prefetch(name, *ranges[(i + 1) % len(ranges)])
+
         if mode == "anchor" and self.anchor.name == "ties":
             def chunks():
-                for lo, hi in ranges:
+                for i, (lo, hi) in enumerate(ranges):
+                    ahead(i)
                     yield self._inputs(name, lo, hi)
                     self._release(name, lo, hi)
+            row_el = int(np.prod(self.base.info(name).shape[1:], dtype=np.int64))
             info_ = ties_chunked(chunks, rows * row_el, self.k, density=self.anchor.density,
                                  scale=self.anchor.scale,
                                  write=lambda i, x: write(ranges[i][0], self._out(x, t)))
             self.ties[name] = {**info_, "chunks": len(ranges)}
             return
-        for lo, hi in ranges:
+        for i, (lo, hi) in enumerate(ranges):
+            if i + 1 < len(ranges):
+                ahead(i)
             b, es = self._inputs(name, lo, hi)
             write(lo, self._out(self._carried(name, b, es, lab), t))
             del b, es
@@ -606,14 +637,20 @@ def merge_checkpoints(base, experts: Sequence, out, *, method: str = "bmm", anch
     error = None
     n_mine = sum(len(s) for _, s in mine)
     done = 0
+    order = [e.name for _, entries in mine for e in entries]
+    following = dict(zip(order, order[1:]))
     try:
+        if order:
+            merger.prefetch(by_name[order[0]])
         for fname, entries in mine:
             w = ShardWriter(folder.path(fname), entries, metadata={"format": "pt"})
             try:
                 for e in entries:
                     t0 = time.perf_counter()
+                    if e.name in following:                # read ahead: the disk works while this one merges
+                        merger.prefetch(by_name[following[e.name]])
                     merger.tensor(by_name[e.name], lambda start, x, name=e.name: w.write_rows(name, start, x))
-                    trim()
+                    maybe_trim()                   # only inside memory.trimming() (bmm-merge opts in)
                     done += 1
                     if progress:
                         print(f"[{pidx}] {done}/{n_mine} {e.name} {list(e.shape)} {time.perf_counter() - t0:.2f}s "

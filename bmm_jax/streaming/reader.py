@@ -211,22 +211,41 @@ class Checkpoint:
         return np.frombuffer(self._map(i.file), dtype=i.dtype, count=(stop - start) * row,
                              offset=i.start + start * row * i.dtype.itemsize).reshape((stop - start,) + i.shape[1:])
 
-    def release(self, name: str, start_row: int | None = None, stop_row: int | None = None) -> None:
-        """Drop the resident pages of tensor ``name`` (or of rows ``[start_row, stop_row)``) from this
-        process (``MADV_DONTNEED``; they stay in the page cache). Views stay valid: touching them
-        again reads the file again."""
+    def _page_range(self, name: str, start_row: int | None, stop_row: int | None):
+        """``(mapping, lo, hi)``: the page-aligned byte range of tensor ``name`` (or of its rows
+        ``[start_row, stop_row)``) in its mapped file; ``None`` if unmapped or empty."""
         i = self.info(name)
         m = self._maps.get(i.file)
         if m is None or not hasattr(m, "madvise"):
-            return
+            return None
         lo, hi = i.start, i.stop
         if start_row is not None:
             row = int(np.prod(i.shape[1:], dtype=np.int64)) * i.dtype.itemsize
             lo, hi = i.start + start_row * row, i.start + min(stop_row, i.shape[0]) * row
         lo = lo - lo % _PAGE
         hi = min(len(m), -(-hi // _PAGE) * _PAGE)
-        if hi > lo:
-            m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        return (m, lo, hi) if hi > lo else None
+
+    def release(self, name: str, start_row: int | None = None, stop_row: int | None = None) -> None:
+        """Drop the resident pages of tensor ``name`` (or of rows ``[start_row, stop_row)``) from this
+        process (``MADV_DONTNEED``; they stay in the page cache). Views stay valid: touching them
+        again reads the file again."""
+        r = self._page_range(name, start_row, stop_row)
+        if r is not None:
+            r[0].madvise(mmap.MADV_DONTNEED, r[1], r[2] - r[1])
+
+    def prefetch(self, name: str, start_row: int | None = None, stop_row: int | None = None) -> None:
+        """Ask the kernel to read tensor ``name`` (or rows ``[start_row, stop_row)``) into the page
+        cache in the background (``MADV_WILLNEED``; returns at once), so that the disk works while
+        the previous tensor is being merged. Maps the file if it is not yet mapped."""
+        i = self.info(name)
+        self._map(i.file)
+        r = self._page_range(name, start_row, stop_row)
+        if r is not None and hasattr(mmap, "MADV_WILLNEED"):
+            try:
+                r[0].madvise(mmap.MADV_WILLNEED, r[1], r[2] - r[1])
+            except OSError:                                 # pragma: no cover - a hint only
+                pass
 
     def close(self) -> None:
         """Unmap the files (views handed out must be gone; otherwise the mapping stays until they are)."""
