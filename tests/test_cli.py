@@ -138,6 +138,7 @@ def test_merge_orbax_activations_search(models, capsys, tmp_path):
     ("labels", "labels [5] outside the head's 2 classes"),
     ("no_calibration", "needs --calibration"),
     ("counts", "--validation needs one entry per expert"),
+    ("batch_size", "--batch-size must be positive, got 0"),
 ])
 def test_merge_errors(models, capsys, tmp_path, case, phrase):
     d = models["dir"]
@@ -158,6 +159,8 @@ def test_merge_errors(models, capsys, tmp_path, case, phrase):
         extra = ["--grams", "activations"]
     elif case == "counts":
         extra = ["--search", "--validation", d / "val0.npz"]
+    elif case == "batch_size":
+        extra = ["--search", "--batch-size", "0", "--validation", d / "val0.npz", d / "val1.npz", d / "val2.npz"]
     out = tmp_path / "merged"
     rc, so, se = _run(["--base", d / "base_hf", "--experts", *experts, "--out", out, "--quiet", *extra], capsys)
     assert rc == 1

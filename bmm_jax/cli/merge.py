@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "module, a closed-form regression onto the experts under a Gaussian prior centred on an "
                     "anchor merge (TA, TIES, TSV-M, WUDI, ...), with Gram matrices from activations, from the "
                     "task vectors (data-free) or both; hyper-parameters fixed or searched with Vizier on "
-                    "validation data. Writes the merged params as an orbax checkpoint plus a JSON report.",
-        epilog="Inputs are HF Flax model folders, bmm_jax orbax checkpoints (bmm_jax.checkpoint; also the "
+                    "validation data. HF safetensors folders (Llama, Mistral, Qwen2, Gemma, GPT-2, BERT, ...) are "
+                    "merged streaming, tensor by tensor, file to file, into an HF folder; other inputs into an "
+                    "orbax checkpoint; a JSON report beside the output.",
+        epilog="Inputs are HF model folders (PyTorch-named safetensors shards are streamed; Flax folders are "
+               "loaded whole), bmm_jax orbax checkpoints (bmm_jax.checkpoint; also the "
                "expert cache's <task>/seed<s> folders) or, for --base/--model, the built-in names minilm and "
                "effnet-lite0. Errors exit with status 1 (2 for a bad command line) and one line on stderr.",
         formatter_class=DefaultsFormatter)
@@ -142,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hyper-parameter groups of the search")
     s.add_argument("--trials", type=int, default=24, help="Vizier trials")
     s.add_argument("--designer", default="gp_bandit", help="Vizier designer (gp_bandit, gp_ucb_pe, quasi_random, random)")
+    s.add_argument("--batch-size", type=int, default=4,
+                   help="trials per search step: that many suggestions built with one vmapped Prepared.params and "
+                        "evaluated together (memory: that many merged models); 1 = one trial at a time")
     s.add_argument("--run-dir", default=None, help="search directory (Vizier study, reports; resumable) "
                                                     "(default: <out>-search)")
     s.add_argument("--seed", type=int, default=0, help="seed of the search and of the calibration subsets")
@@ -412,7 +418,7 @@ def validate_args(args) -> None:
             raise ValueError(f"{name} needs one entry per expert: got {len(vals)} for {k} experts")
     if args.search and args.validation is None:
         raise ValueError("--search needs --validation data (one labeled source per expert)")
-    for name in ("calibration_examples", "validation_examples", "trials", "max_length"):
+    for name in ("calibration_examples", "validation_examples", "trials", "batch_size", "max_length"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0.0 <= args.beta <= 1.0:
@@ -643,7 +649,7 @@ def run(args) -> dict:
         prep = bmm_jax.prepare(base.params, experts, anchor, grams, labels=labels, carry=args.carry,
                                prior=args.prior, progress=progress)
         cfg = SearchConfig(grouping=args.grouping, num_trials=args.trials, designer=args.designer, seed=args.seed,
-                           validation_examples=args.validation_examples)
+                           validation_examples=args.validation_examples, batch_size=args.batch_size)
         run_dir = args.run_dir or os.path.abspath(args.out).rstrip(os.sep) + "-search"
         from bmm_jax.search import RunDirInUse
         try:

@@ -71,6 +71,7 @@ the result equals the single-process merge bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -360,6 +361,7 @@ class _Merger:
         self.merge_fn, self.merge_extra = _merge_call()
         self.diags: dict[str, Any] = {}
         self.ties: dict[str, Any] = {}
+        self.read_next: Callable[[], None] | None = None   # read-ahead to start once the inputs are read
 
     # ---- reading
     def _cast(self, x, dt):
@@ -374,7 +376,11 @@ class _Merger:
         b = view(self.base)
         es = [view(e) for e in self.experts]
         dt = b.dtype if all(e.dtype == b.dtype for e in es) else np.dtype(np.float32)
-        return self._cast(b, dt), [self._cast(e, dt) for e in es]
+        out = self._cast(b, dt), [self._cast(e, dt) for e in es]
+        if self.read_next is not None:                   # these rows are read: the disk may go on with the next
+            nxt, self.read_next = self.read_next, None
+            nxt()
+        return out
 
     def _release(self, name: str, lo: int | None = None, hi: int | None = None) -> None:
         for c in (self.base, *self.experts):
@@ -463,10 +469,19 @@ class _Merger:
         mode = "anchor" if self.method == "anchor" else self.carry
         ranges = self._ranges(t, rows)
 
-        def ahead(i):                                    # the disk reads chunk i + 1 while chunk i is merged
-            self._prefetch(name, *ranges[(i + 1) % len(ranges)])
+        following, self.read_next = self.read_next, None
+
+        def ahead(i):
+            """Once chunk ``i`` is read: read chunk ``i + 1`` in the background (TIES passes wrap
+            around), after the last one the next tensor."""
+            if i + 1 < len(ranges) or passes:
+                self.read_next = lambda: self._prefetch(name, *ranges[(i + 1) % len(ranges)])
+            else:
+                self.read_next = following
 
         if mode == "anchor" and self.anchor.name == "ties":
+            passes = True
+
             def chunks():
                 for i, (lo, hi) in enumerate(ranges):
                     ahead(i)
@@ -478,9 +493,9 @@ class _Merger:
                                  write=lambda i, x: write(ranges[i][0], self._out(x, t)))
             self.ties[name] = {**info_, "chunks": len(ranges)}
             return
+        passes = False
         for i, (lo, hi) in enumerate(ranges):
-            if i + 1 < len(ranges):
-                ahead(i)
+            ahead(i)
             b, es = self._inputs(name, lo, hi)
             write(lo, self._out(self._carried(name, b, es, lab), t))
             del b, es
@@ -647,8 +662,8 @@ def merge_checkpoints(base, experts: Sequence, out, *, method: str = "bmm", anch
             try:
                 for e in entries:
                     t0 = time.perf_counter()
-                    if e.name in following:                # read ahead: the disk works while this one merges
-                        merger.prefetch(by_name[following[e.name]])
+                    if e.name in following:                # read ahead once this one's inputs are read
+                        merger.read_next = functools.partial(merger.prefetch, by_name[following[e.name]])
                     merger.tensor(by_name[e.name], lambda start, x, name=e.name: w.write_rows(name, start, x))
                     maybe_trim()                   # only inside memory.trimming() (bmm-merge opts in)
                     done += 1
