@@ -297,12 +297,17 @@ def solve_modules(jobs: Sequence[ModuleJob], weights, prior: str, *, mesh=None, 
     n_dev = 1 if mesh is None else int(mesh.devices.size)
     if n_dev <= 1:
         pending, size = [], 0
+        if release_anchors:            # an anchor array is donated only if no other job or input holds it
+            users = {id(x) for job in jobs for x in (job.base, *job.experts)}
+            uses: dict[int, int] = {}
+            for job in jobs:
+                uses[id(job.anchor)] = uses.get(id(job.anchor), 0) + 1
         for j, job in enumerate(jobs):
             l = job.label
             anchor = job.anchor
             donate = (release_anchors and isinstance(anchor, jax.Array) and anchor.dtype == job.base.dtype
                       and anchor.shape == job.base.shape and not anchor.is_deleted()
-                      and all(anchor is not x for x in (job.base, *job.experts)))   # never a user's array
+                      and id(anchor) not in users and uses[id(anchor)] == 1)       # never a user's array
             fn = _solve_module_jit_into_anchor if donate else _solve_module_jit
             if release_anchors:
                 jobs[j] = job._replace(anchor=None)

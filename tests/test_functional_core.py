@@ -128,6 +128,29 @@ def test_owned_anchor_is_written_into_but_user_arrays_never_are(model):
     assert all(not x.is_deleted() for x in jax.tree_util.tree_leaves((b, es, out)))
 
 
+def test_release_anchors_never_donates_a_shared_or_user_array(model):
+    """The eager driver donates an anchor leaf only when nothing else holds it: an anchor array used
+    by two modules, or one that is an input (base) array, survives; results match numpy."""
+    from bmm_jax.engine import ModuleJob, solve_modules
+    base, experts = model
+    p = "layer/0/query/kernel"
+    lab = {l.path: l for l in jax.tree_util.tree_leaves(
+        bmm_jax.build_labels(_trees(base, experts)[0]), is_leaf=lambda x: isinstance(x, bmm_jax.labels.Label))}[p]
+    b = jnp.asarray(base[p])
+    es = tuple(jnp.asarray(e[p]) for e in experts)
+    shared = jnp.asarray(base[p] + 0.3 * sum(e[p] - base[p] for e in experts))
+    jobs = [ModuleJob(lab, "data_free", b, es, None, shared, 0.3, 1.0, False),
+            ModuleJob(lab, "data_free", b, es, None, shared, 0.3, 1.0, False),
+            ModuleJob(lab, "data_free", b, es, None, b, 0.3, 1.0, False)]
+    leaves, _ = solve_modules(jobs, jnp.ones(K, jnp.float32), "isotropic", release_anchors=True)
+    assert not shared.is_deleted() and not b.is_deleted() and all(not e.is_deleted() for e in es)
+    assert all(j.anchor is None for j in jobs)
+    t = np.stack([np.asarray(e[p], np.float64) - base[p] for e in experts])
+    for leaf, ta in zip(leaves, (np.asarray(shared) - base[p],) * 2 + (np.zeros_like(base[p]),)):
+        ref = base[p] + np_solve(t, np_data_free(t), ta, 0.3, 1.0)
+        np.testing.assert_allclose(np.asarray(leaf, np.float64), ref, atol=2e-5 * max(1.0, np.abs(ref).max()))
+
+
 def test_merge_with_grams_object_and_dense_dict_under_jit(model):
     base, experts = model
     b, es = _trees(base, experts)
