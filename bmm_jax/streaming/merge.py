@@ -470,18 +470,17 @@ class _Merger:
         ranges = self._ranges(t, rows)
 
         following, self.read_next = self.read_next, None
+        ties = mode == "anchor" and self.anchor.name == "ties"     # four passes over the chunks
 
         def ahead(i):
             """Once chunk ``i`` is read: read chunk ``i + 1`` in the background (TIES passes wrap
             around), after the last one the next tensor."""
-            if i + 1 < len(ranges) or passes:
+            if i + 1 < len(ranges) or ties:
                 self.read_next = lambda: self._prefetch(name, *ranges[(i + 1) % len(ranges)])
             else:
                 self.read_next = following
 
-        if mode == "anchor" and self.anchor.name == "ties":
-            passes = True
-
+        if ties:
             def chunks():
                 for i, (lo, hi) in enumerate(ranges):
                     ahead(i)
@@ -493,7 +492,6 @@ class _Merger:
                                  write=lambda i, x: write(ranges[i][0], self._out(x, t)))
             self.ties[name] = {**info_, "chunks": len(ranges)}
             return
-        passes = False
         for i, (lo, hi) in enumerate(ranges):
             ahead(i)
             b, es = self._inputs(name, lo, hi)
