@@ -31,6 +31,7 @@ import numpy as np
 from bmm_jax.grams.data_free import normalized_weights
 from bmm_jax.labels import Label
 from bmm_jax.solve import _solve_one, normal_equations, normal_equations_factored
+from bmm_jax.solve_data_free import solve_linear_anchor, solve_wide, task_rows
 from bmm_jax.solve_lowrank import _data_free_alpha, _woodbury, prefer_woodbury
 
 HOWS = ("data_free", "factor", "dense")
@@ -66,7 +67,16 @@ def task_kernels(label: Label, base_leaf, expert_leaves):
     return label.to_matrix(jnp.stack([e.astype(jnp.float32) - b for e in expert_leaves]))
 
 
-def module_statistics(view: tuple, how: str, base_leaf, expert_leaves, gram, anchor_leaf, weights):
+def anchor_matrix(label: Label, base_leaf, anchor_leaf, t, anchor_coefficients=None):
+    """``T_a [d_in, d_out]``: ``sum_k c_k T_k`` from ``anchor_coefficients [K]`` (a linear anchor such as
+    Task Arithmetic; ``t`` the ``[K, d_in, d_out]`` task kernels) or ``W_a - W_0`` from the anchor leaf."""
+    if anchor_coefficients is not None:
+        return jnp.einsum("k,kio->io", jnp.asarray(anchor_coefficients, jnp.float32), t)
+    return label.to_matrix(anchor_leaf.astype(jnp.float32) - base_leaf.astype(jnp.float32))
+
+
+def module_statistics(view: tuple, how: str, base_leaf, expert_leaves, gram, anchor_leaf, weights,
+                      anchor_coefficients=None):
     """``(S [d,d], B [d,do], T_a [d,do], changed, max_abs)`` of one module (pure)."""
     label = view_label(view)
     t = task_kernels(label, base_leaf, expert_leaves)
@@ -79,7 +89,7 @@ def module_statistics(view: tuple, how: str, base_leaf, expert_leaves, gram, anc
         s, b = normal_equations(t, gram.astype(jnp.float32), w)
     else:
         raise ValueError(f"unknown Gram input {how!r}; expected one of {HOWS}")
-    ta = label.to_matrix(anchor_leaf.astype(jnp.float32) - base_leaf.astype(jnp.float32))
+    ta = anchor_matrix(label, base_leaf, anchor_leaf, t, anchor_coefficients)
     absmax = jnp.max(jnp.abs(t))
     return s, b, ta, absmax > 0, absmax
 
@@ -96,7 +106,7 @@ def _is_singular(s):
 
 
 def solve_module(view: tuple, how: str, prior: str, base_leaf, expert_leaves: Sequence, gram, anchor_leaf,
-                 weights, rho, scale, *, check_singular: bool = False):
+                 weights, rho, scale, *, check_singular: bool = False, anchor_coefficients=None):
     """One module of BMM, pure: returns ``(merged leaf, ModuleStatus)``.
 
     Args:
@@ -108,15 +118,27 @@ def solve_module(view: tuple, how: str, prior: str, base_leaf, expert_leaves: Se
       weights: ``[K]`` task weights. rho, scale: scalars (traceable).
       check_singular: static; also test ``S`` for singularity (an eigendecomposition; the eager
         driver asks for it only where ``rho = 0``).
+      anchor_coefficients: ``None`` or ``[K]`` (may be traced): the anchor is linear in the task
+        vectors, ``T_a = sum_k c_k T_k`` (Task Arithmetic: ``c_k = alpha``; averaging: ``1 / K``);
+        ``anchor_leaf`` is then not read (pass ``None``).
+
+    Data-free Grams with the isotropic prior take the row-oriented solves of
+    :mod:`bmm_jax.solve_data_free`: ``K d_out > d_in`` in ``d_in`` space; ``K d_out <= d_in`` with a
+    linear anchor in the ``K d_out`` space (push-through), which never forms ``B`` or ``T_a``.
 
     The merged leaf has the base leaf's shape and dtype; an unchanged module returns the base leaf.
     """
     label = view_label(view)
+    k, d_in, d_out = len(expert_leaves), view[1], view[2]
+    if how == "data_free" and prior == "isotropic" and (k * d_out > d_in or anchor_coefficients is not None):
+        return _solve_module_rows(view, base_leaf, expert_leaves, anchor_leaf, anchor_coefficients, weights, rho,
+                                  scale, check_singular)
     if prior == "isotropic" and how in ("data_free", "factor") and prefer_woodbury(
-            view[1], view[2], len(expert_leaves), None if gram is None else int(gram.shape[-1])):
+            d_in, d_out, k, None if gram is None else int(gram.shape[-1])):
         return _solve_module_lowrank(view, how, base_leaf, expert_leaves, gram, anchor_leaf, weights, rho, scale,
-                                     check_singular)
-    s, b, ta, changed, absmax = module_statistics(view, how, base_leaf, expert_leaves, gram, anchor_leaf, weights)
+                                     check_singular, anchor_coefficients)
+    s, b, ta, changed, absmax = module_statistics(view, how, base_leaf, expert_leaves, gram, anchor_leaf, weights,
+                                                  anchor_coefficients)
     d = s.shape[-1]
     # an unchanged module has S = 0 (lambda = 0): solve a harmless system instead, then select the base
     s_safe = jnp.where(changed, s, jnp.eye(d, dtype=s.dtype))
@@ -140,15 +162,53 @@ def solve_module(view: tuple, how: str, prior: str, base_leaf, expert_leaves: Se
     return leaf, status
 
 
+def _solve_module_rows(view, base_leaf, expert_leaves, anchor_leaf, anchor_coefficients, weights, rho, scale,
+                       check_singular: bool):
+    """:func:`solve_module` for data-free Grams and the isotropic prior, in row orientation
+    (:mod:`bmm_jax.solve_data_free`)."""
+    label = view_label(view)
+    k, d_in, d_out = len(expert_leaves), view[1], view[2]
+
+    def to_rows(x):                       # leaf-shaped -> [d_out, d_in] (a no-op for "transposed")
+        return jnp.swapaxes(label.to_matrix(x), -1, -2)
+
+    u = task_rows(to_rows, base_leaf, expert_leaves)
+    rho = jnp.asarray(rho, jnp.float32)
+    scale = jnp.asarray(scale, jnp.float32)
+    if k * d_out > d_in:
+        if anchor_coefficients is not None:
+            c = jnp.asarray(anchor_coefficients, jnp.float32)
+            ta_rows = sum(c[i] * u[i] for i in range(k))
+        else:
+            ta_rows = to_rows(anchor_leaf.astype(jnp.float32) - base_leaf.astype(jnp.float32))
+        out, st = solve_wide(u, ta_rows, weights, rho, scale, check_singular=check_singular)
+    else:
+        out, st = solve_linear_anchor(u, anchor_coefficients, weights, rho, scale, check_singular=check_singular)
+    base32 = base_leaf.astype(jnp.float32)
+    merged = (base32 + label.from_matrix(jnp.swapaxes(out, -1, -2)).reshape(base_leaf.shape)).astype(base_leaf.dtype)
+    changed = st.changed
+    leaf = jnp.where(changed, merged, base_leaf)
+    ta_norm = _norm(st.ta_rows)
+    status = ModuleStatus(
+        changed=changed.astype(jnp.float32), trace_s=st.trace_s, finite_s=st.finite_s,
+        finite_out=jnp.all(jnp.isfinite(out)).astype(jnp.float32),
+        singular=st.singular,
+        lam=jnp.where(changed, rho * st.trace_s / d_in, 0.0),
+        delta_norm=jnp.where(changed, _norm(out), 0.0),
+        anchor_distance=jnp.where(changed, _norm(out - scale * st.ta_rows) / jnp.maximum(ta_norm, 1e-30), 0.0),
+        max_abs=st.max_abs)
+    return leaf, status
+
+
 def _solve_module_lowrank(view, how, base_leaf, expert_leaves, gram, anchor_leaf, weights, rho, scale,
-                          check_singular: bool):
+                          check_singular: bool, anchor_coefficients=None):
     """:func:`solve_module` in the rank of the Grams (Woodbury, :mod:`bmm_jax.solve_lowrank`) when
     ``K r < d_in`` makes it cheaper: only an ``R x R`` system (``R = K r``) is factored, no
     ``d_in x d_in`` matrix formed. ``S`` then has rank ``<= R < d_in``: ``rho = 0`` is singular."""
     label = view_label(view)
     t = task_kernels(label, base_leaf, expert_leaves)
     w = jnp.asarray(weights, jnp.float32)
-    ta = label.to_matrix(anchor_leaf.astype(jnp.float32) - base_leaf.astype(jnp.float32))
+    ta = anchor_matrix(label, base_leaf, anchor_leaf, t, anchor_coefficients)
     absmax = jnp.max(jnp.abs(t))
     changed = absmax > 0
     rho = jnp.asarray(rho, jnp.float32)
@@ -182,19 +242,24 @@ def _solve_module_lowrank(view, how, base_leaf, expert_leaves, gram, anchor_leaf
 
 
 def solve_stack(view: tuple, how: str, prior: str, base_leaves, expert_leaves: Sequence, grams, anchor_leaves,
-                weights, rho, scale, *, check_singular: bool = False):
+                weights, rho, scale, *, check_singular: bool = False, anchor_coefficients=None):
     """:func:`solve_module` vmapped over a leading module axis ``[M, ...]`` of every array argument
     (``expert_leaves``: K arrays ``[M, ...]``; ``grams``: ``None`` or ``[M, K, ...]``; ``rho``,
-    ``scale``: ``[M]``); ``weights [K]`` is shared."""
-    fn = functools.partial(solve_module, view, how, prior, check_singular=check_singular)
-    in_axes = (0, 0, None if grams is None else 0, 0, None, 0, 0)
-    return jax.vmap(fn, in_axes=in_axes)(base_leaves, list(expert_leaves), grams, anchor_leaves, weights, rho, scale)
+    ``scale``: ``[M]``; ``anchor_leaves``: ``[M, ...]`` or ``None`` with ``anchor_coefficients [M, K]``);
+    ``weights [K]`` is shared."""
+    def fn(b, es, g, a, w, r, s, c):
+        return solve_module(view, how, prior, b, es, g, a, w, r, s, check_singular=check_singular,
+                            anchor_coefficients=c)
+    in_axes = (0, 0, None if grams is None else 0, None if anchor_leaves is None else 0, None, 0, 0,
+               None if anchor_coefficients is None else 0)
+    return jax.vmap(fn, in_axes=in_axes)(base_leaves, list(expert_leaves), grams, anchor_leaves, weights, rho, scale,
+                                         anchor_coefficients)
 
 
 def _solve_module_body(view, how, prior, check_singular, out_sharding, base_leaf, expert_leaves, gram, anchor_leaf,
-                       weights, rho, scale):
+                       weights, rho, scale, anchor_coefficients):
     leaf, status = solve_module(view, how, prior, base_leaf, expert_leaves, gram, anchor_leaf, weights, rho, scale,
-                                check_singular=check_singular)
+                                check_singular=check_singular, anchor_coefficients=anchor_coefficients)
     if out_sharding is not None:
         leaf = jax.lax.with_sharding_constraint(leaf, out_sharding)
     return leaf, status
@@ -208,13 +273,14 @@ _solve_module_jit_into_anchor = jax.jit(_solve_module_body, static_argnums=(0, 1
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _solve_stack_jit(view, how, prior, check_singular, base_leaves, expert_leaves, grams, anchor_leaves, weights,
-                     rho, scale):
+                     rho, scale, anchor_coefficients):
     return solve_stack(view, how, prior, base_leaves, expert_leaves, grams, anchor_leaves, weights, rho, scale,
-                       check_singular=check_singular)
+                       check_singular=check_singular, anchor_coefficients=anchor_coefficients)
 
 
 class ModuleJob(NamedTuple):
-    """One regressed module for :func:`solve_modules`: its label, leaves, Gram input and hparams."""
+    """One regressed module for :func:`solve_modules`: its label, leaves, Gram input and hparams;
+    ``anchor_coefficients`` (``[K]``) replaces ``anchor`` for a linear anchor (:func:`solve_module`)."""
     label: Label
     how: str
     base: Any
@@ -224,6 +290,7 @@ class ModuleJob(NamedTuple):
     rho: Any
     scale: Any
     check_singular: bool
+    anchor_coefficients: Any = None
 
 
 def _sharding_of(x):
@@ -253,7 +320,7 @@ def _chunks(jobs: Sequence[ModuleJob], n_devices: int, max_elements: int = CHUNK
     for j, job in enumerate(jobs):
         l = job.label
         key = ((l.layout, l.d_in, l.d_out), job.how, str(job.base.dtype), job.check_singular,
-               None if job.gram is None else tuple(job.gram.shape))
+               None if job.gram is None else tuple(job.gram.shape), job.anchor_coefficients is None)
         groups.setdefault(key, []).append(j)
     for key, idx in groups.items():
         (_, d_in, d_out) = key[0]
@@ -290,7 +357,8 @@ def solve_modules(jobs: Sequence[ModuleJob], weights, prior: str, *, mesh=None, 
     """
     if traced:
         out = [solve_module((j.label.layout, j.label.d_in, j.label.d_out), j.how, prior, j.base, list(j.experts),
-                            j.gram, j.anchor, weights, j.rho, j.scale, check_singular=False) for j in jobs]
+                            j.gram, j.anchor, weights, j.rho, j.scale, check_singular=False,
+                            anchor_coefficients=j.anchor_coefficients) for j in jobs]
         return [o[0] for o in out], [o[1] for o in out]
     leaves: list = [None] * len(jobs)
     statuses: list = [None] * len(jobs)
@@ -313,9 +381,12 @@ def solve_modules(jobs: Sequence[ModuleJob], weights, prior: str, *, mesh=None, 
                 jobs[j] = job._replace(anchor=None)
             leaf, st = fn((l.layout, l.d_in, l.d_out), job.how, prior, job.check_singular,
                           _sharding_of(job.base), jnp.asarray(job.base),
-                          [jnp.asarray(e) for e in job.experts], job.gram, jnp.asarray(anchor),
+                          [jnp.asarray(e) for e in job.experts], job.gram,
+                          None if anchor is None else jnp.asarray(anchor),
                           weights, jnp.float32(job.rho) if _is_py(job.rho) else job.rho,
-                          jnp.float32(job.scale) if _is_py(job.scale) else job.scale)
+                          jnp.float32(job.scale) if _is_py(job.scale) else job.scale,
+                          None if job.anchor_coefficients is None else jnp.asarray(job.anchor_coefficients,
+                                                                                   jnp.float32))
             del anchor
             leaves[j], statuses[j] = leaf, st
             size += working_elements(l.d_in, l.d_out, len(job.experts))
@@ -338,7 +409,7 @@ def solve_modules(jobs: Sequence[ModuleJob], weights, prior: str, *, mesh=None, 
         return jax.device_put(x, NamedSharding(flat_mesh, P("modules", *([None] * (x.ndim - 1)))))
 
     for key, idx in _chunks(jobs, n_dev):
-        view, how, _, check_singular, _ = key
+        view, how, _, check_singular, _, no_coefficients = key
         m = len(idx)
         target = -(-m // n_dev) * n_dev
         sel = [jobs[j] for j in idx]
@@ -346,10 +417,13 @@ def solve_modules(jobs: Sequence[ModuleJob], weights, prior: str, *, mesh=None, 
         base = place(_pad_stack([j.base for j in sel], target))
         experts = [place(_pad_stack([j.experts[e] for j in sel], target)) for e in range(k)]
         grams = None if sel[0].gram is None else place(_pad_stack([j.gram for j in sel], target))
-        anchor = place(_pad_stack([j.anchor for j in sel], target))
+        anchor = place(_pad_stack([j.anchor for j in sel], target)) if no_coefficients else None
+        coefficients = None if no_coefficients else place(_pad_stack(
+            [jnp.asarray(j.anchor_coefficients, jnp.float32) for j in sel], target))
         rho = place(_pad_stack([jnp.float32(j.rho) for j in sel], target))
         scale = place(_pad_stack([jnp.float32(j.scale) for j in sel], target))
-        out, st = _solve_stack_jit(view, how, prior, check_singular, base, experts, grams, anchor, weights, rho, scale)
+        out, st = _solve_stack_jit(view, how, prior, check_singular, base, experts, grams, anchor, weights, rho, scale,
+                                   coefficients)
         del base, experts, grams, anchor
         if release_anchors:
             for j in idx:

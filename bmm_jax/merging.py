@@ -52,7 +52,11 @@ class MergeResult(NamedTuple):
 # ------------------------------------------------------------------------------ inputs
 def resolve_anchor(anchor, base: PyTree, experts: Sequence[PyTree], *, grams=None,
                    labels: PyTree | None = None) -> PyTree:
-    """Anchor params from a params pytree, an object with ``.params``, or an anchor name."""
+    """Anchor params from a params pytree, an object with ``.params``, a
+    :class:`~bmm_jax.anchors.LinearAnchor`, or an anchor name."""
+    from bmm_jax.anchors import LinearAnchor
+    if isinstance(anchor, LinearAnchor):
+        anchor = anchor.materialize(base, experts)
     if isinstance(anchor, str):
         from bmm_jax import anchors
         fn = anchors.get(anchor)
@@ -170,13 +174,14 @@ def merge_inputs(base, experts, anchor, grams, *, labels, carry: str, prior: str
     check_option(prior, "prior", PRIORS)
     labels, lab = resolve_labels(labels, base)
     w = check_weights(weights, len(experts))
+    from bmm_jax.anchors import LinearAnchor
+    owned = isinstance(anchor, (str, LinearAnchor))     # computed here: nobody else holds its leaves
     if not isinstance(anchor, str) and anchor is not None:
         anchor = resolve_anchor(anchor, base, experts)
     traced = is_traced((base, experts, anchor, grams, weights, also_traced))
     if validate and not traced:
         from bmm_jax import validation
         validation.validate(base, experts, None if isinstance(anchor, str) else anchor, grams, labels=labels)
-    owned = isinstance(anchor, str)            # computed here: nobody else holds its leaves
     anchor = resolve_anchor(anchor, base, experts, grams=grams, labels=labels)
     base_leaves, treedef = jax.tree_util.tree_flatten(base)
     anchor_leaves = jax.tree_util.tree_leaves(anchor)
@@ -184,6 +189,19 @@ def merge_inputs(base, experts, anchor, grams, *, labels, carry: str, prior: str
     warn_foreign_data_free(grams, lab, base_leaves, expert_leaves)
     return MergeInputs(experts, labels, lab, len(experts), w, traced, base_leaves, treedef, anchor_leaves,
                        expert_leaves, owned)
+
+
+def _linear_coefficients(anchor, experts):
+    """``[K]`` float32 coefficients of a linear anchor (a :class:`~bmm_jax.anchors.LinearAnchor` or
+    the names ``"task_arithmetic"`` / ``"average"`` with their default scale), else ``None``."""
+    from bmm_jax.anchors import LINEAR, LinearAnchor
+    if isinstance(anchor, str) and anchor in LINEAR and isinstance(experts, Sequence):
+        anchor = LinearAnchor.of(anchor, len(experts))
+    if isinstance(anchor, LinearAnchor):
+        if not isinstance(experts, Sequence) or isinstance(experts, (str, bytes)):
+            return None                     # check_experts names the problem
+        return anchor.check(len(experts))
+    return None
 
 
 # ------------------------------------------------------------------------------ merge
@@ -196,8 +214,12 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
       base: pretrained params ``theta_0`` (a pytree of arrays: jax, numpy, or tracers).
       experts: list of K >= 2 fine-tuned params pytrees with the structure, shapes and dtypes of
         ``base``.
-      anchor: the anchor merge: a params pytree, an object with ``.params``, or the name of an
-        anchor in :mod:`bmm_jax.anchors` (computed with its default options).
+      anchor: the anchor merge: a params pytree, an object with ``.params``, the name of an
+        anchor in :mod:`bmm_jax.anchors` (computed with its default options), or a
+        :class:`~bmm_jax.anchors.LinearAnchor` ``theta_0 + sum_k c_k tau_k``. A linear anchor (also
+        the names ``"task_arithmetic"`` and ``"average"``) enters the regressed modules' solves as
+        its coefficients: ``T_a`` is formed in float32 from the task vectors, never read rounded
+        to the model's dtype, and low-rank data-free modules are solved in its span.
       grams: per-module Grams ``[K, d_in, d_in]``: a :class:`bmm_jax.grams.Grams` (any of
         ``data_free`` / ``activations`` / ``hybrid``) or a dict ``{module path: array}``.
         ``None``: data-free Grams (§3.2), formed in the solve from the task kernels.
@@ -224,6 +246,7 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
     """
     hp_in = {"rho": 1.0, "scale": 1.0} if hparams is None else hparams
     check_keys(hp_in)
+    coefficients = _linear_coefficients(anchor, experts)
     inp = merge_inputs(base, experts, anchor, grams, labels=labels, carry=carry, prior=prior, weights=weights,
                        validate=validate, also_traced=hp_in)
     labels, lab, k, w, traced = inp.labels, inp.lab, inp.k, inp.w, inp.traced
@@ -238,7 +261,10 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
         how, g = module_gram(grams, l, base_leaves[i], es, k)
         rho, scale = hp[l.path]
         check_singular = (not traced) and isinstance(rho, (int, float)) and float(rho) == 0.0
-        jobs.append(ModuleJob(l, how, base_leaves[i], es, g, anchor_leaves[i], rho, scale, check_singular))
+        if coefficients is None:
+            jobs.append(ModuleJob(l, how, base_leaves[i], es, g, anchor_leaves[i], rho, scale, check_singular))
+        else:                                  # the anchor enters as T_a = sum_k c_k T_k: no anchor leaf read
+            jobs.append(ModuleJob(l, how, base_leaves[i], es, g, None, rho, scale, check_singular, coefficients))
         index.append(i)
     the_mesh = None if traced else resolve_mesh(mesh, devices, (base, experts))
     release = owned and not traced             # an owned anchor's module leaves: freed as their modules are solved

@@ -87,8 +87,12 @@ def _lower_block_rows(f, rows):
 def _assemble_symmetric(blocks, rows, d: int):
     """Full symmetric ``[d, d]`` from its block lower triangle (:func:`_lower_block_rows`)."""
     low = jnp.concatenate([jnp.pad(x, ((0, 0), (0, d - x.shape[1]))) for x in blocks])
-    i = jnp.arange(d)
-    return jnp.where(i[:, None] >= i[None, :], low, low.T)
+    # low + low^T with the diagonal blocks put back; an iota mask (where(i >= j, low, low^T)) made
+    # XLA's CPU compiler spend minutes constant-folding it for d in the thousands
+    full = low + low.T
+    for x, (a, b) in zip(blocks, rows):
+        full = jax.lax.dynamic_update_slice(full, x[:, a:b], (a, a))
+    return full
 
 
 def symmetric_gram(f):

@@ -38,7 +38,7 @@ from typing import Callable
 
 from bmm_jax.anchors.iso import iso_c, iso_cts
 from bmm_jax.anchors.regmean import regmean
-from bmm_jax.anchors.simple import average, task_arithmetic
+from bmm_jax.anchors.simple import LINEAR, LinearAnchor, average, task_arithmetic
 from bmm_jax.anchors.ties import ties
 from bmm_jax.anchors.tsv import tsv
 from bmm_jax.anchors.wudi import wudi
@@ -69,5 +69,5 @@ def default_anchor_scale(name: str) -> float:
     return float(inspect.signature(get(name)).parameters["anchor_scale"].default)
 
 
-__all__ = ["ANCHORS", "get", "default_anchor_scale", "average", "task_arithmetic", "ties", "tsv",
+__all__ = ["ANCHORS", "LinearAnchor", "LINEAR", "get", "default_anchor_scale", "average", "task_arithmetic", "ties", "tsv",
            "iso_c", "iso_cts", "wudi", "regmean"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +68,62 @@ def task_arithmetic(base: PyTree, experts: Sequence[PyTree], *, labels: PyTree |
         Python number or JAX scalar).
     """
     return _sum_merge(base, experts, check_hparam(anchor_scale, "anchor_scale"), False, labels)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _combination_leaf(base_leaf, expert_leaves, coefficients, dtype):
+    b = base_leaf.astype(dtype)
+    c = jnp.asarray(coefficients).astype(dtype)
+    total = sum(c[k] * (e.astype(dtype) - b) for k, e in enumerate(expert_leaves))
+    return (b + total).astype(base_leaf.dtype)
+
+
+class LinearAnchor(NamedTuple):
+    """An anchor linear in the task vectors, given by its coefficients: ``theta_0 + sum_k c_k tau_k``
+    with ``coefficients [K]`` (Task Arithmetic: every ``c_k = anchor_scale``; averaging:
+    ``anchor_scale / K``; may be traced).
+
+    Passed as ``anchor=`` to :func:`bmm_jax.merge` (which also uses it for the names
+    ``"task_arithmetic"`` and ``"average"``), the regressed modules never read an anchor array: each
+    solve forms ``T_a = sum_k c_k T_k`` from the task vectors in float32 (no rounding to the
+    model's dtype) and, for data-free Grams where ``K d_out <= d_in``, solves in their span
+    (:mod:`bmm_jax.solve_data_free`). :meth:`materialize` gives the params.
+    """
+    coefficients: Any
+
+    @classmethod
+    def of(cls, name: str, k: int, anchor_scale=None) -> "LinearAnchor":
+        """The linear anchor named ``"task_arithmetic"`` or ``"average"`` for ``k`` experts
+        (``anchor_scale``: default that of the anchor function)."""
+        if name not in LINEAR:
+            raise ValueError(f"anchor {name!r} is not linear in the task vectors; linear anchors: {LINEAR}")
+        if anchor_scale is None:
+            anchor_scale = 0.3 if name == "task_arithmetic" else 1.0
+        c = check_hparam(anchor_scale, "anchor_scale")
+        per = c if name == "task_arithmetic" else c / k
+        return cls(jnp.full((k,), per, jnp.float32))
+
+    def check(self, k: int) -> jax.Array:
+        """The coefficients as a float32 ``[K]`` array; a ``ValueError`` if they are not K numbers."""
+        c = jnp.asarray(self.coefficients)
+        if c.shape != (k,) or not (jnp.issubdtype(c.dtype, jnp.floating) or jnp.issubdtype(c.dtype, jnp.integer)):
+            raise ValueError(f"LinearAnchor.coefficients must be {k} real numbers (one per expert), got shape "
+                             f"{tuple(c.shape)} and dtype {c.dtype}")
+        return c.astype(jnp.float32)
+
+    def materialize(self, base: PyTree, experts: Sequence[PyTree]) -> PyTree:
+        """The anchor params: ``theta_0 + sum_k c_k tau_k`` on every floating leaf (float32 compute,
+        the leaf's dtype), other leaves as the base's."""
+        ctx = prepare(base, experts, None, need_labels=False)
+        c = self.check(len(ctx.expert_leaves))
+        out = []
+        for i, b in enumerate(ctx.base_leaves):
+            dt = leaf_dtype(b)
+            if not is_float_dtype(dt):
+                out.append(jnp.asarray(b))
+                continue
+            out.append(_combination_leaf(jnp.asarray(b), ctx.leaf_experts(i), c, compute_dtype(dt)))
+        return jax.tree_util.tree_unflatten(ctx.treedef, out)
+
+
+LINEAR = ("task_arithmetic", "average")

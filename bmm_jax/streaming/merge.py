@@ -156,6 +156,17 @@ class _Anchor:
         self.density = float(self.kw.get("density", defaults.get("density", 0.2)))
         self.elementwise_carry = True            # every streamable anchor treats non-module leaves elementwise
 
+    @property
+    def linear_ok(self) -> bool:
+        """The anchor is ``theta_0 + sum_k c_k tau_k`` (TA, average) with a concrete scale."""
+        from bmm_jax.anchors import LINEAR
+        return self.name in LINEAR
+
+    def linear(self, k: int):
+        """The :class:`~bmm_jax.anchors.LinearAnchor` of a linear anchor with this scale."""
+        from bmm_jax.anchors import LinearAnchor
+        return LinearAnchor.of(self.name, k, self.scale)
+
     def __call__(self, name: str, base_leaf, expert_leaves, label: Label):
         b = {KEY: base_leaf}
         es = [{KEY: e} for e in expert_leaves]
@@ -437,12 +448,13 @@ class _Merger:
         name, lab = t.name, t.label
         b, es = self._inputs(name)
         if lab.regressed:
-            anchor = self.anchor(name, b, es, lab)
             if self.method == "anchor":
-                return self._out(anchor, t)
+                return self._out(self.anchor(name, b, es, lab), t)
+            # a linear anchor (TA, average) enters the solve as its coefficients: never materialised
+            anchor = self.anchor.linear(len(es)) if self.anchor.linear_ok else {KEY: self.anchor(name, b, es, lab)}
             rho, scale = self.hparams[name]
             g = self.grams.module(name, lab)
-            res = self.merge_fn({KEY: b}, [{KEY: e} for e in es], {KEY: anchor}, None if g is None else {KEY: g},
+            res = self.merge_fn({KEY: b}, [{KEY: e} for e in es], anchor, None if g is None else {KEY: g},
                                 {"rho": rho, "scale": scale}, labels={KEY: leaf_label(lab)}, carry="anchor",
                                 prior=self.prior, weights=self.weights, **self.merge_extra)
             diag = res.diagnostics["modules"]
