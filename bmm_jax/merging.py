@@ -165,10 +165,12 @@ class MergeInputs(NamedTuple):
 
 
 def merge_inputs(base, experts, anchor, grams, *, labels, carry: str, prior: str, weights, validate: bool,
-                 also_traced=None) -> MergeInputs:
+                 also_traced=None, linear_regressed: bool = False) -> MergeInputs:
     """The shell shared by :func:`merge` and :func:`bmm_jax.prepare`: static checks (experts, options,
     labels, weights, the anchor's structure), the eager value checks unless traced or ``validate`` is
-    False, the anchor computed if named (``owned``), data-free Grams of other experts warned about."""
+    False, the anchor computed if named (``owned``), data-free Grams of other experts warned about.
+    ``linear_regressed``: the caller solves the regressed modules from a linear anchor's coefficients,
+    so those anchor leaves are left as the base's (never computed)."""
     experts = check_experts(base, experts, check_finite=False)
     check_option(carry, "carry mode", CARRY)
     check_option(prior, "prior", PRIORS)
@@ -176,12 +178,22 @@ def merge_inputs(base, experts, anchor, grams, *, labels, carry: str, prior: str
     w = check_weights(weights, len(experts))
     from bmm_jax.anchors import LinearAnchor
     owned = isinstance(anchor, (str, LinearAnchor))     # computed here: nobody else holds its leaves
-    if not isinstance(anchor, str) and anchor is not None:
+    if linear_regressed and isinstance(anchor, str):
+        from bmm_jax.anchors import LINEAR
+        if anchor in LINEAR:
+            anchor = LinearAnchor.of(anchor, len(experts))
+    linear = anchor if isinstance(anchor, LinearAnchor) and linear_regressed else None
+    if linear is not None:
+        linear.check(len(experts))
+        anchor = None                      # materialised below, after the inputs are checked
+    elif not isinstance(anchor, str) and anchor is not None:
         anchor = resolve_anchor(anchor, base, experts)
     traced = is_traced((base, experts, anchor, grams, weights, also_traced))
     if validate and not traced:
         from bmm_jax import validation
         validation.validate(base, experts, None if isinstance(anchor, str) else anchor, grams, labels=labels)
+    if linear is not None:                 # the regressed modules take the coefficients: their anchor leaves
+        anchor = linear.materialize(base, experts, skip=[l.regressed for l in lab])   # are never computed
     anchor = resolve_anchor(anchor, base, experts, grams=grams, labels=labels)
     base_leaves, treedef = jax.tree_util.tree_flatten(base)
     anchor_leaves = jax.tree_util.tree_leaves(anchor)
@@ -195,11 +207,11 @@ def _linear_coefficients(anchor, experts):
     """``[K]`` float32 coefficients of a linear anchor (a :class:`~bmm_jax.anchors.LinearAnchor` or
     the names ``"task_arithmetic"`` / ``"average"`` with their default scale), else ``None``."""
     from bmm_jax.anchors import LINEAR, LinearAnchor
-    if isinstance(anchor, str) and anchor in LINEAR and isinstance(experts, Sequence):
+    if not isinstance(experts, Sequence) or isinstance(experts, (str, bytes)) or len(experts) < 2:
+        return None                         # check_experts names the problem
+    if isinstance(anchor, str) and anchor in LINEAR:
         anchor = LinearAnchor.of(anchor, len(experts))
     if isinstance(anchor, LinearAnchor):
-        if not isinstance(experts, Sequence) or isinstance(experts, (str, bytes)):
-            return None                     # check_experts names the problem
         return anchor.check(len(experts))
     return None
 
@@ -248,7 +260,8 @@ def merge(base: PyTree, experts: Sequence[PyTree], anchor, grams=None, hparams: 
     check_keys(hp_in)
     coefficients = _linear_coefficients(anchor, experts)
     inp = merge_inputs(base, experts, anchor, grams, labels=labels, carry=carry, prior=prior, weights=weights,
-                       validate=validate, also_traced=hp_in)
+                       validate=validate, also_traced=(hp_in, coefficients),
+                       linear_regressed=coefficients is not None)
     labels, lab, k, w, traced = inp.labels, inp.lab, inp.k, inp.w, inp.traced
     base_leaves, treedef, anchor_leaves, expert_leaves = inp.base_leaves, inp.treedef, inp.anchor_leaves, inp.expert_leaves
     owned = inp.owned

@@ -111,15 +111,17 @@ class LinearAnchor(NamedTuple):
                              f"{tuple(c.shape)} and dtype {c.dtype}")
         return c.astype(jnp.float32)
 
-    def materialize(self, base: PyTree, experts: Sequence[PyTree]) -> PyTree:
+    def materialize(self, base: PyTree, experts: Sequence[PyTree], *, skip: Sequence[bool] | None = None) -> PyTree:
         """The anchor params: ``theta_0 + sum_k c_k tau_k`` on every floating leaf (float32 compute,
-        the leaf's dtype), other leaves as the base's."""
+        the leaf's dtype), other leaves as the base's. ``skip``: per leaf (flattening order), True
+        to leave that leaf as the base's instead (leaves a caller never reads, such as the regressed
+        modules of a merge that takes the coefficients)."""
         ctx = prepare(base, experts, None, need_labels=False)
         c = self.check(len(ctx.expert_leaves))
         out = []
         for i, b in enumerate(ctx.base_leaves):
             dt = leaf_dtype(b)
-            if not is_float_dtype(dt):
+            if not is_float_dtype(dt) or (skip is not None and skip[i]):
                 out.append(jnp.asarray(b))
                 continue
             out.append(_combination_leaf(jnp.asarray(b), ctx.leaf_experts(i), c, compute_dtype(dt)))
