@@ -178,15 +178,26 @@ def _sample_anon(pid: int, box: dict, stop: threading.Event) -> None:
             pass
         anon = rss = 0
         for p in pids:
+            # proportional anonymous memory (Pss_Anon): a forked child shares its parent's pages, and
+            # summing RssAnon counted them twice (3.8 GiB "sampled" inside a 3 GiB cgroup)
+            pss_anon = None
+            try:
+                with open(f"/proc/{p}/smaps_rollup") as f:
+                    for line in f:
+                        if line.startswith("Pss_Anon:"):
+                            pss_anon = int(line.split()[1]) * 1024
+            except OSError:
+                pass
             try:
                 with open(f"/proc/{p}/status") as f:
                     for line in f:
-                        if line.startswith("RssAnon:"):
+                        if line.startswith("RssAnon:") and pss_anon is None:
                             anon += int(line.split()[1]) * 1024
                         elif line.startswith("VmRSS:"):
                             rss += int(line.split()[1]) * 1024
             except OSError:
                 pass
+            anon += pss_anon or 0
         box["anon"] = max(box.get("anon", 0), anon)
         box["rss_sampled"] = max(box.get("rss_sampled", 0), rss)
         stop.wait(0.1)
