@@ -110,5 +110,7 @@ def test_merge_with_linear_anchor_equals_materialised_anchor():
                                np.asarray(bmm_jax.anchors.task_arithmetic(base, ex)["b"]["kernel"]), atol=1e-6)
     with pytest.raises(ValueError, match="4 real numbers"):
         bmm_jax.merge(base, ex, LinearAnchor(np.ones(3)), None, hp)
+    with pytest.raises(ValueError, match="must be finite"):
+        bmm_jax.merge(base, ex, LinearAnchor([0.3, float("nan"), 0.3, 0.3]), None, hp)
     with pytest.raises(ValueError, match="not linear"):
         LinearAnchor.of("ties", 4)

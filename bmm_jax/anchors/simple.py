@@ -6,6 +6,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bmm_jax._tree import PyTree
 from bmm_jax.anchors._common import (anchor_function, check_hparam, compute_dtype, is_float_dtype,
@@ -105,11 +106,14 @@ class LinearAnchor(NamedTuple):
 
     def check(self, k: int) -> jax.Array:
         """The coefficients as a float32 ``[K]`` array; a ``ValueError`` if they are not K numbers."""
-        c = jnp.asarray(self.coefficients)
-        if c.shape != (k,) or not (jnp.issubdtype(c.dtype, jnp.floating) or jnp.issubdtype(c.dtype, jnp.integer)):
+        host = not isinstance(self.coefficients, (jax.Array, jax.core.Tracer))
+        c = np.asarray(self.coefficients) if host else self.coefficients
+        if c.shape != (k,) or not (np.issubdtype(c.dtype, np.floating) or np.issubdtype(c.dtype, np.integer)):
             raise ValueError(f"LinearAnchor.coefficients must be {k} real numbers (one per expert), got shape "
                              f"{tuple(c.shape)} and dtype {c.dtype}")
-        return c.astype(jnp.float32)
+        if host and not np.all(np.isfinite(c)):         # free on the host; device arrays are not read back
+            raise ValueError(f"LinearAnchor.coefficients must be finite, got {c.tolist()}")
+        return jnp.asarray(c, jnp.float32)
 
     def materialize(self, base: PyTree, experts: Sequence[PyTree], *, skip: Sequence[bool] | None = None) -> PyTree:
         """The anchor params: ``theta_0 + sum_k c_k tau_k`` on every floating leaf (float32 compute,
