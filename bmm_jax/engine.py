@@ -31,7 +31,7 @@ import numpy as np
 from bmm_jax.grams.data_free import normalized_weights
 from bmm_jax.labels import Label
 from bmm_jax.solve import _solve_one, normal_equations, normal_equations_factored
-from bmm_jax.solve_data_free import solve_linear_anchor, solve_wide, task_rows
+from bmm_jax.solve_data_free import _is_singular, solve_linear_anchor, solve_wide, task_rows
 from bmm_jax.solve_lowrank import _data_free_alpha, _woodbury, prefer_woodbury
 
 HOWS = ("data_free", "factor", "dense")
@@ -96,13 +96,6 @@ def module_statistics(view: tuple, how: str, base_leaf, expert_leaves, gram, anc
 
 def _norm(x):
     return jnp.sqrt(jnp.sum(jnp.square(x)))
-
-
-def _is_singular(s):
-    """1.0 if the PSD ``s`` is numerically singular (smallest eigenvalue below ``d eps`` largest)."""
-    e = jnp.linalg.eigvalsh(s)
-    tol = s.shape[-1] * jnp.finfo(jnp.float32).eps * jnp.maximum(jnp.max(jnp.abs(e)), jnp.finfo(jnp.float32).tiny)
-    return (jnp.min(e) <= tol).astype(jnp.float32)
 
 
 def solve_module(view: tuple, how: str, prior: str, base_leaf, expert_leaves: Sequence, gram, anchor_leaf,

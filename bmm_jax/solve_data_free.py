@@ -123,6 +123,7 @@ def _solve_rows(low, rhs_rows):
 
 
 def _is_singular(s):
+    """1.0 if the PSD ``s`` is numerically singular (smallest eigenvalue below ``d eps`` largest)."""
     e = jnp.linalg.eigvalsh(s)
     tol = s.shape[-1] * jnp.finfo(_F32).eps * jnp.maximum(jnp.max(jnp.abs(e)), jnp.finfo(_F32).tiny)
     return (jnp.min(e) <= tol).astype(_F32)
