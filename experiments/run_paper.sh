@@ -12,14 +12,21 @@ cd "$(dirname "$0")/.."
 RUNS="${BMM_JAX_RUNS:-$HOME/.cache/bmm_jax/runs}"
 X=".venv/bin/bmm-experiment"
 mkdir -p "$RUNS"
+SEEDS=(0 1 2)
 for b in ${1:-effnet4 minilm5}; do
   echo "== $b: methods ($(date))"
   $X --preset paper --benchmark "$b" --run-dir "$RUNS/$b-paper" --export "experiments/results/$b"
-  echo "== $b: ablations ($(date))"
-  $X --preset paper --benchmark "$b" --run-dir "$RUNS/$b-paper" --ablations \
-     --export "experiments/results/ablations_$b"
-  echo "== $b: few-shot Grams ($(date))"
-  $X --preset paper --benchmark "$b" --run-dir "$RUNS/$b-paper" --fewshot \
-     --export "experiments/results/fewshot_$b"
+  # ablations and few-shot seed by seed (each export holds the seeds finished so far); their searches
+  # that equal a methods-table search continue that study instead of running it again
+  done_seeds=()
+  for s in "${SEEDS[@]}"; do
+    done_seeds+=("$s")
+    echo "== $b: ablations, seeds ${done_seeds[*]} ($(date))"
+    $X --preset paper --benchmark "$b" --seeds "${done_seeds[@]}" --run-dir "$RUNS/$b-paper" --ablations \
+       --export "experiments/results/ablations_$b"
+    echo "== $b: few-shot Grams, seeds ${done_seeds[*]} ($(date))"
+    $X --preset paper --benchmark "$b" --seeds "${done_seeds[@]}" --run-dir "$RUNS/$b-paper" --fewshot \
+       --export "experiments/results/fewshot_$b"
+  done
 done
 echo "== done ($(date))"

@@ -455,6 +455,27 @@ def test_ablations_and_fewshot_tiny(tmp_path, tmp_path_factory):
                                                              "activation Grams (12 inputs per task)"}
     assert os.path.getsize(fs.files["plot_fewshot"]) > 0 and "Few-shot hybrid Grams" in fs.table
 
+    # the same search already run by another runner of this seed is continued from a copy, not redone:
+    # the few-shot data-free reference (global, 2 trials) is the ablations' global search; the budget
+    # search (3 trials) continued the 2-trial type search
+    root = os.path.join(cfg.resolved_run_dir, "seed0")
+    ref_dir = os.path.join(root, "fewshot", "search", "task_arithmetic-data_free-global-2")
+    src = json.load(open(os.path.join(ref_dir, "started_from.json")))
+    assert src == {"study": os.path.join(root, "ablations", "search", "task_arithmetic-data_free-isotropic-global-2"),
+                   "trials": 2}
+    bud = json.load(open(os.path.join(root, "ablations", "search", "task_arithmetic-data_free-isotropic-type-3-budget",
+                                      "started_from.json")))
+    assert bud["trials"] == 2 and bud["study"].endswith("task_arithmetic-data_free-isotropic-type-2")
+    assert curve[2] == pytest.approx(r[("prior", "searched", None, "validation")]["accuracy"])
+    # ... and gives what the search run afresh gives (another run directory, nothing to copy from)
+    fresh = X.run_fewshot(cfg.replace(run_dir=str(tmp_path / "fresh")), shots=(1,), grouping="global", trials=2)
+    assert not os.path.exists(os.path.join(tmp_path, "fresh", "seed0", "fewshot", "search",
+                                           "task_arithmetic-data_free-global-2", "started_from.json"))
+    pick = lambda rs: sorted((x["split"], x["accuracy"]) for x in rs if x["setting"] == "data-free Grams")
+    assert pick(fresh.records) == pick(recs) and pick(recs)
+    grp = {x["split"]: x["accuracy"] for x in res.records if x["ablation"] == "grouping" and x["setting"] == "global"}
+    assert dict(pick(recs)) == grp
+
 
 def test_cli_ablations_tiny(tmp_path, tmp_path_factory, capsys, monkeypatch):
     from bmm_jax import experts

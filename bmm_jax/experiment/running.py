@@ -4,7 +4,10 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
@@ -307,6 +310,8 @@ class SeedRun:
         """:func:`bmm_jax.search.search` of BMM's hyper-parameters on the validation subset,
         with the exact anchor as trial 0 (its validation accuracy already known)."""
         from bmm_jax.search import SearchConfig, search
+        from bmm_jax.search.study import StudyError
+        same_prep = prep is None
         prep = prep if prep is not None else self.prep(anchor, gram, prior)
         anchor_params = self.anchor(anchor)[0]
         anchor_val = self.anchor_val(anchor)
@@ -318,8 +323,81 @@ class SeedRun:
 
         cfg = SearchConfig(grouping=grouping, num_trials=int(trials), designer=self.config.designer, seed=self.seed,
                            validation_examples=self.config.validation_examples, jax_cache_dir=None, **search_kw)
-        return search(prep, objective, cfg, run_dir=run_dir, anchor=anchor_params, progress=self.config.progress,
-                      verbose=False), cfg
+        copied = (self._start_from_same_search(run_dir, anchor, gram, grouping, int(trials), prior)
+                  if same_prep and not search_kw else None)
+        try:
+            res = search(prep, objective, cfg, run_dir=run_dir, anchor=anchor_params, progress=self.config.progress,
+                         verbose=False)
+        except StudyError:
+            if copied is None:
+                raise
+            # the copied study is not this search after all (its fingerprint differs): start afresh
+            _log(f"[seed {self.seed}] {copied} holds another search; {os.path.basename(run_dir)} starts afresh",
+                 self.config.progress)
+            shutil.rmtree(run_dir)
+            res = search(prep, objective, cfg, run_dir=run_dir, anchor=anchor_params, progress=self.config.progress,
+                         verbose=False)
+        return res, cfg
+
+    def same_searches(self, anchor: str, gram: str, prior: str, grouping: str) -> list[tuple[str, int]]:
+        """``(study directory, trials)`` of the searches of this seed, in any runner's directory
+        (methods, ablations, few-shot), that search exactly what ``search(anchor, gram, grouping, n,
+        prior=prior)`` would with the runner's own factors: same anchor, Grams, prior, grouping,
+        designer, seed and validation subset (one protocol per run directory)."""
+        c = self.config
+        root = os.path.join(self.run_dir, f"seed{self.seed}")
+        found: list[tuple[str, int]] = []
+        if prior == "isotropic":
+            for hp, g, n in (("module", c.module_grouping, c.module_trials), ("shared", "global", c.shared_trials)):
+                if g == grouping:
+                    found.append((os.path.join(root, "search", f"{anchor}-{gram}-{hp}"), int(n)))
+        patterns = [("ablations", re.compile(rf"{re.escape(f'{anchor}-{gram}-{prior}-{grouping}-')}(\d+)(-budget)?"))]
+        if prior == "isotropic":
+            patterns.append(("fewshot", re.compile(rf"{re.escape(f'{anchor}-{gram}-{grouping}-')}(\d+)")))
+        for sub, pat in patterns:
+            d = os.path.join(root, sub, "search")
+            for name in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+                m = pat.fullmatch(name)
+                if m:
+                    found.append((os.path.join(d, name), int(m.group(1))))
+        return found
+
+    def _start_from_same_search(self, run_dir: str, anchor: str, gram: str, grouping: str, trials: int,
+                                prior: str) -> str | None:
+        """Start a new study in ``run_dir`` from a copy of the same search already run for this seed
+        (:meth:`same_searches`, the one with most trials up to ``trials``): the search then resumes
+        it, so its result is the one an uninterrupted ``trials``-trial search gives, without
+        re-evaluating the trials already done. The source is only read. Returns the source, or
+        ``None`` when ``run_dir`` already holds a study or there is none to copy."""
+        from bmm_jax.search.study import DB_NAME
+        if os.path.lexists(run_dir) and (not os.path.isdir(run_dir) or os.listdir(run_dir)):
+            return None
+        target = os.path.abspath(run_dir)
+        best = None
+        for src, n in self.same_searches(anchor, gram, prior, grouping):
+            if (os.path.abspath(src) != target and n <= trials and os.path.isfile(os.path.join(src, DB_NAME))
+                    and (best is None or n > best[1])):
+                best = (src, n)
+        if best is None:
+            return None
+        src = best[0]
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.copy-", dir=parent)
+        try:
+            for name in os.listdir(src):
+                if not name.startswith(".") and os.path.isfile(os.path.join(src, name)):
+                    shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+            atomic_write_json(os.path.join(tmp, "started_from.json"), {"study": os.path.abspath(src), "trials": best[1]})
+            if os.path.isdir(target):
+                os.rmdir(target)            # empty: checked above
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _log(f"[seed {self.seed}] {os.path.basename(target)}: continuing the same search from {src} "
+             f"({best[1]} trials)", self.config.progress)
+        return src
 
     # ------------------------------------------------------------------ methods
     def run_job(self, key: MethodKey) -> tuple[dict, dict, dict, dict]:
