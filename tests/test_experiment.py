@@ -5,6 +5,7 @@ the ablations and the few-shot curve -- checked against independent recomputatio
 bmm_jax.anchors / bmm_jax.merge / bmm_jax.evaluate / numpy."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -412,6 +413,30 @@ def test_run_experiment_tiny(tmp_path, tmp_path_factory):
         E.task_log_probs = orig
     assert calls and [r for r in res3.records if r["method"] != "bmm_sampled"] == [
         r for r in res.records if r["method"] != "bmm_sampled"]
+    # the temperature chosen on accuracy, or on NLL among temperatures that keep the point estimate's
+    # validation accuracy (ties: the smaller temperature); only the sampled row is recomputed
+    point_acc = np.mean([acc[("bmm", "task_arithmetic", "data_free", "shared", t, "validation")] for t in "ab"])
+    for crit in ("accuracy", "nll_keep_accuracy"):
+        r = X.run_experiment(cfg.replace(sample_selection=crit, sample_temperatures=(1e-3, 1e-1, 1.0)))
+        assert [x for x in r.records if x["method"] != "bmm_sampled"] == [
+            x for x in res.records if x["method"] != "bmm_sampled"]
+        si = r.details["seeds"]["0"]["methods"]["bmm_sampled-task_arithmetic-data_free-shared"]
+        assert si["selection"] == crit
+        assert ("temperature chosen on validation accuracy among" in open(r.files["table"]).read()) == (
+            crit == "accuracy")
+        accs = {float(t): v for t, v in si["validation_accuracy"].items()}
+        nll = {float(t): v for t, v in si["validation_nll"].items()}
+        assert accs[0.0] == pytest.approx(point_acc) and set(accs) == set(nll) and len(accs) >= 2
+        if crit == "accuracy":
+            want = min(accs, key=lambda t: (-accs[t], t))
+        else:
+            ok = [t for t in accs if accs[t] >= point_acc - 1e-12]
+            want = min(ok, key=lambda t: (nll[t], t))
+        assert si["temperature"] == want, (crit, accs, nll)
+        val = {x["task"]: x for x in r.records if x["method"] == "bmm_sampled" and x["split"] == "validation"}
+        assert np.mean([val[t]["accuracy"] for t in "ab"]) == pytest.approx(accs[want])
+    with pytest.raises(ValueError, match="sample_selection must be one of"):
+        cfg.replace(sample_selection="ece")
     with pytest.raises(ValueError, match="another experiment protocol"):
         X.run_experiment(cfg.replace(module_trials=3))
 
@@ -498,3 +523,113 @@ def test_cli_ablations_tiny(tmp_path, tmp_path_factory, capsys, monkeypatch):
     assert os.path.getsize(str(prefix) + "_prior.png") > 0 and os.path.getsize(str(prefix) + ".md") > 0
     assert cli.main(["--ablations", "prior", "--fewshot", "--run-dir", str(tmp_path / "x"), "--quiet"]) == 2
     assert cli.main(["--clip-model", "x", "--run-dir", str(tmp_path / "x"), "--quiet"]) == 2
+
+
+# ----------------------------------------------------------------------------- pooling runs of separate seeds
+def _fake_ablation_run(cfg, seeds, out_dir, rng, *, settings=None, kind="prior"):
+    """Write an ablation results file as ``run_ablations`` does, with random accuracies."""
+    from bmm_jax.experiment.ablations import write_ablations
+    recs = []
+    for s in seeds:
+        for split in ("validation", "test"):
+            rows = ([("fewshot", "data-free Grams", None)] + [("fewshot", "hybrid (β searched)", n) for n in (1, 4)]
+                    if kind == "fewshot" else
+                    [("prior", "ρ → ∞ (anchor)", None), ("prior", "searched", None)]
+                    + [("prior", "one shared ρ, s = 1", x) for x in (1e-3, 1.0)])
+            for ab, setting, x in rows:
+                recs.append({"ablation": ab, "setting": setting, "x": x, "seed": s, "split": split,
+                             "accuracy": float(rng.uniform(0.5, 0.9)), "tasks": {"a": 0.5, "b": 0.5}})
+    name = "fewshot" if kind == "fewshot" else "ablations"
+    title = f"tiny: {'few-shot hybrid Grams' if kind == 'fewshot' else 'ablations of BMM'}, seeds {list(seeds)}"
+    settings = settings or {"anchor": "task_arithmetic", "trials": 2}
+    return write_ablations(recs, out_dir, title=title, details={"settings": settings, "seeds": {
+        str(s): {"seconds": 10.0 * (s + 1)} for s in seeds}, "seconds": 10.0 * len(seeds)}, config=cfg,
+        plots=False, name=name)["json"], recs
+
+
+def _table_cells(table: str, setting: str, x: str | None = None) -> list[str]:
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == setting and (x is None or cells[1] == x):
+            return cells
+    raise AssertionError(f"no row {setting!r} {x!r} in\n{table}")
+
+
+def test_combine_ablation_files_pools_seeds(tmp_path):
+    rng = np.random.default_rng(0)
+    cfg = X.ExperimentConfig(benchmark=TINY_SPEC, seeds=(0,), run_dir=str(tmp_path / "run"), name="tiny",
+                             **{**FAST, "plots": True})
+    f12, r12 = _fake_ablation_run(cfg, (1, 2), str(tmp_path / "b"), rng)
+    f0, r0 = _fake_ablation_run(cfg, (0,), str(tmp_path / "a"), rng)
+    before = {f: open(f, "rb").read() for f in (f0, f12)}
+    res = X.combine_ablation_files([f12, f0], cfg)
+    assert {f: open(f, "rb").read() for f in (f0, f12)} == before           # inputs only read
+    assert res.records == r0 + r12                                          # ordered by smallest seed
+    data = json.load(open(res.files["json"]))
+    assert data["title"] == "tiny: ablations of BMM, seeds [0, 1, 2]" and data["records"] == res.records
+    assert data["seconds"] == pytest.approx(30.0) and set(data["details"]["seeds"]) == {"0", "1", "2"}
+    assert [c["seeds"] for c in data["details"]["combined_from"]] == [[0], [1, 2]]
+    assert res.run_dir == os.path.join(cfg.resolved_run_dir, "ablations_combined")
+    assert os.path.getsize(res.files["plot_prior"]) > 0
+    # mean ± sample std over the three seeds, against numpy
+    for setting, x in (("searched", None), ("one shared ρ, s = 1", 0.001)):
+        for col, split in ((-2, "validation"), (-1, "test")):
+            acc = np.array([r["accuracy"] for r in r0 + r12 if r["setting"] == setting and r["x"] == x
+                            and r["split"] == split])
+            assert acc.shape == (3,)
+            cells = _table_cells(res.table, setting, None if x is None else f"{x:g}")
+            assert cells[col] == f"{100 * acc.mean():.1f} ± {100 * acc.std(ddof=1):.1f}", (setting, split)
+    assert "16 validation examples per task" in res.table
+
+
+def test_combine_ablation_files_refuses_what_is_not_one_study(tmp_path):
+    rng = np.random.default_rng(1)
+    cfg = X.ExperimentConfig(benchmark=TINY_SPEC, seeds=(0,), run_dir=str(tmp_path / "run"), name="tiny", **FAST)
+    f0, _ = _fake_ablation_run(cfg, (0,), str(tmp_path / "a"), rng)
+    f01, _ = _fake_ablation_run(cfg, (0, 1), str(tmp_path / "b"), rng)
+    f1_other, _ = _fake_ablation_run(cfg, (1,), str(tmp_path / "c"), rng, settings={"anchor": "ties", "trials": 2})
+    f1_fs, _ = _fake_ablation_run(cfg, (1,), str(tmp_path / "d"), rng, kind="fewshot")
+    f1_proto, _ = _fake_ablation_run(cfg.replace(validation_examples=32), (1,), str(tmp_path / "e"), rng)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{truncated")
+    norec = tmp_path / "norec.json"
+    norec.write_text(json.dumps({"records": [{"ablation": "prior", "seed": 0}]}))
+    cases = [([f0, f01], ValueError, "seed 0 is in both"),
+             ([f0, f1_other], ValueError, "'settings' differ"),
+             ([f0, f1_fs], ValueError, "holds fewshot records"),
+             ([f0, f1_proto], ValueError, "another protocol than the configuration's (differs in ['validation_examples'])"),
+             ([f0], ValueError, "two or more results files"),
+             ([f0, f0], ValueError, "given twice"),
+             ([f0, str(tmp_path / "missing.json")], FileNotFoundError, "missing.json"),
+             ([f0, str(bad)], ValueError, "bad.json: not valid JSON"),
+             ([f0, str(norec)], ValueError, "record 0 lacks ['setting', 'split', 'accuracy']")]
+    for paths, exc, phrase in cases:
+        with pytest.raises(exc) as e:
+            X.combine_ablation_files(paths, cfg)
+        assert phrase in str(e.value), (phrase, str(e.value))
+    other_bench = dataclasses.replace(TINY_SPEC, name="tiny2")
+    with pytest.raises(ValueError, match="is a 'tiny' run but the configuration's benchmark is 'tiny2'"):
+        X.combine_ablation_files([f0, f1_proto], cfg.replace(benchmark=other_bench))
+    assert not os.path.exists(cfg.resolved_run_dir)                         # nothing written
+
+
+def test_cli_combine(tmp_path, capsys, monkeypatch):
+    from bmm_jax import experts
+    from bmm_jax.cli import experiment as cli
+    monkeypatch.setitem(experts.BENCHMARKS, "tiny", TINY_SPEC)
+    common = ["--preset", "full", "--benchmark", "tiny", "--validation-examples", "16",
+              "--run-dir", str(tmp_path / "run"), "--quiet"]
+    cfg = cli.config_from_args(cli.build_parser().parse_args(common))
+    rng = np.random.default_rng(2)
+    f0, r0 = _fake_ablation_run(cfg, (0,), str(tmp_path / "a"), rng, kind="fewshot")
+    f1, r1 = _fake_ablation_run(cfg, (1,), str(tmp_path / "b"), rng, kind="fewshot")
+    prefix = tmp_path / "results" / "fewshot_tiny"
+    assert cli.main(common + ["--combine", f0, f1, "--export", str(prefix)]) == 0
+    out = capsys.readouterr().out
+    assert "## Few-shot hybrid Grams" in out and "pooled 2 files, seeds [0, 1]" in out
+    assert json.load(open(str(prefix) + ".json"))["records"] == r0 + r1
+    assert os.path.getsize(str(prefix) + "_fewshot.png") > 0 and os.path.getsize(str(prefix) + ".md") > 0
+    assert cli.main(common + ["--combine", f0, f1, "--fewshot"]) == 2
+    assert "runs nothing; drop --ablations / --fewshot" in capsys.readouterr().err
+    assert cli.main(common + ["--preset", "paper", "--combine", f0, f1]) == 1     # another protocol
+    assert "another protocol" in capsys.readouterr().err

@@ -300,6 +300,63 @@ def test_expert_cache_reuse_rebuild_and_corruption(tmp_path, caplog):
     assert checkpoint.tree_checksum(b7.expert_params[0]) != checkpoint.tree_checksum(b6.expert_params[0])
 
 
+def _moved_adapter(cfg=None):
+    """The tiny adapter as if installed elsewhere: same model and preprocessing, another
+    ``preprocess_key`` (which names the files the tokeniser came from)."""
+    return dataclasses.replace(tiny_adapter(), preprocess_key="bert:/elsewhere/.venv/model:len10")
+
+
+def _shorter_adapter(cfg=None):
+    from bmm_jax.models.hf import hf_adapter
+    return hf_adapter("bert", config=TINY_BERT, seed=0, max_length=SEQ - 3)
+
+
+def test_preprocessing_fingerprint_is_what_the_preprocessing_does():
+    x, _ = tiny_load("a", "train")
+    fp = experts.preprocessing_fingerprint(tiny_adapter(), x[:16])
+    assert len(fp) == 64
+    assert experts.preprocessing_fingerprint(_moved_adapter(), x[:16]) == fp       # location-free
+    assert experts.preprocessing_fingerprint(_shorter_adapter(), x[:16]) != fp     # truncates differently
+    assert experts.preprocessing_fingerprint(tiny_adapter(), x[1:17]) != fp        # other inputs
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's asyncio
+def test_expert_cache_survives_a_moved_install(tmp_path, caplog):
+    root = str(tmp_path)
+    spec = dataclasses.replace(SPEC, tasks=("a",), config=dataclasses.replace(CONFIG, epochs=1))
+    b0 = experts.build_experts(spec, cache_dir=root, seed=0, progress=False)
+    m = _manifest(root, "a", "seed0")
+    # the probe subset is the whole train split here (probe_max_train = 64), so the first 16 inputs
+    assert m["preprocessing"] == experts.preprocessing_fingerprint(b0.adapter, tiny_load("a", "train")[0][:16])
+    assert m["adapter"] == b0.adapter.preprocess_key          # kept for the reader, not compared
+    # the same model installed elsewhere reuses probe and expert
+    moved = experts.build_experts(dataclasses.replace(spec, make_adapter=_moved_adapter), cache_dir=root, seed=0,
+                                  progress=False)
+    assert moved.stats["a"]["probe_reused"] and moved.stats["a"]["expert_reused"]
+    assert checkpoint.tree_checksum(moved.expert_params[0]) == checkpoint.tree_checksum(b0.expert_params[0])
+    # another preprocessing rebuilds both
+    with caplog.at_level("WARNING", logger="bmm_jax.experts"):
+        short = experts.build_experts(dataclasses.replace(spec, make_adapter=_shorter_adapter), cache_dir=root,
+                                      seed=0, progress=False)
+    assert not short.stats["a"]["probe_reused"] and not short.stats["a"]["expert_reused"]
+    assert short.stats["a"]["expert_reason"] == "preprocessing changed"
+    assert "rebuilding linear probe tiny/a: preprocessing changed" in caplog.text
+    # a manifest written before the fingerprint existed matches on the adapter's preprocess_key
+    b1 = experts.build_experts(spec, cache_dir=root, seed=0, progress=False)
+    assert not b1.stats["a"]["expert_reused"]
+    for sub in ("probe", "seed0"):
+        path = os.path.join(root, "experts", "tiny", "a", sub, "manifest.json")
+        old = _manifest(root, "a", sub)
+        del old["preprocessing"]
+        with open(path, "w") as f:
+            json.dump(old, f)
+    b2 = experts.build_experts(spec, cache_dir=root, seed=0, progress=False)
+    assert b2.stats["a"]["probe_reused"] and b2.stats["a"]["expert_reused"]
+    moved2 = experts.build_experts(dataclasses.replace(spec, make_adapter=_moved_adapter), cache_dir=root, seed=0,
+                                   progress=False)
+    assert not moved2.stats["a"]["probe_reused"] and moved2.stats["a"]["probe_reason"] == "adapter changed"
+
+
 def test_build_experts_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark 'vit8'"):
         experts.build_experts("vit8", cache_dir=str(tmp_path))

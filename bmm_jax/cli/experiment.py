@@ -7,6 +7,8 @@ Examples::
     bmm-experiment --preset paper --benchmark effnet4 --export experiments/results/effnet4
     bmm-experiment --preset paper --benchmark effnet4 --ablations --export experiments/results/ablations_effnet4
     bmm-experiment --preset paper --benchmark effnet4 --fewshot --export experiments/results/fewshot_effnet4
+    bmm-experiment --preset paper --benchmark minilm5 --combine seeds01/ablations.json seed2/ablations.json \\
+        --export experiments/results/ablations_minilm5
     bmm-experiment --benchmark clip8 --clip-model ~/clip/clip-vit-base-patch32 \\
         --clip-experts ~/clip/experts --clip-data ~/clip/data --preset paper --seeds 0
 
@@ -25,7 +27,8 @@ PROG = "bmm-experiment"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bmm_jax.experiment import (ABLATIONS, BASELINES, BMM_ANCHORS, GRAM_MODES, HPARAM_MODES, PRESETS, SHOTS)
+    from bmm_jax.experiment import (ABLATIONS, BASELINES, BMM_ANCHORS, GRAM_MODES, HPARAM_MODES, PRESETS,
+                                    SAMPLE_SELECTIONS, SHOTS)
     p = Parser(
         prog=PROG,
         description="Run a benchmark configuration end to end: experts built (or reused from the cache), "
@@ -83,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-temperatures", type=float, nargs="+", default=None, metavar="T",
                    help="posterior temperatures tried on validation NLL, ascending (0, the point estimate, is "
                         "always a candidate; preset: 1e-4 1e-3 1e-2 1e-1 1)")
+    g.add_argument("--sample-selection", default=None, choices=SAMPLE_SELECTIONS,
+                   help="validation criterion of the temperature: 'nll' (the paper's; may trade accuracy for "
+                        "calibration), 'accuracy', or 'nll_keep_accuracy' (lowest NLL among temperatures that keep "
+                        "the point estimate's validation accuracy); ties keep the smaller temperature (preset: nll)")
     g.add_argument("--bootstrap-resamples", type=int, default=None,
                    help="resamples of the paired bootstrap intervals (preset: 2000)")
     g = p.add_argument_group("ablations and few-shot Grams (instead of the methods table)")
@@ -99,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Vizier trials of every ablation / few-shot search (default: --module-trials)")
     g.add_argument("--budget-trials", type=int, default=64, help="length of the trial-budget search")
     g.add_argument("--shots", type=int, nargs="+", default=list(SHOTS), help="unlabeled inputs per task (few-shot)")
+    g.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: pool the ablation or few-shot result files of separate runs (seeds run on "
+                        "other machines or at other times; one study: same benchmark, settings and protocol, "
+                        "disjoint seeds) into one table, JSON and plots under <run-dir>/<ablations|fewshot>_combined "
+                        "(and --export). Give the runs' --preset and --benchmark; the files are only read")
     g.add_argument("--fewshot-grouping", default="type", choices=("global", "type", "block", "module"),
                    help="hyper-parameter grouping of the few-shot searches")
     g = p.add_argument_group("clip8 (downloaded CLIP checkpoints and image folders; see bmm_jax.presets.clip8)")
@@ -153,7 +165,8 @@ def config_from_args(args):
               head=args.head, validation_examples=args.validation_examples, test_examples=args.test_examples,
               calibration_examples=args.calibration_examples, wudi_steps=args.wudi_steps,
               sample_draws=args.sample_draws, sample_rows=args.sample_rows,
-              sample_temperatures=args.sample_temperatures, bootstrap_resamples=args.bootstrap_resamples,
+              sample_temperatures=args.sample_temperatures, sample_selection=args.sample_selection,
+              bootstrap_resamples=args.bootstrap_resamples,
               cache_dir=args.cache_dir, run_dir=args.run_dir, name=args.name)
     if args.scale_grid:
         from bmm_jax.experiment import PRESETS, DEFAULT_SCALE_GRIDS
@@ -181,6 +194,8 @@ def config_from_args(args):
             raise ValueError(f"unknown designer {args.designer!r}; expected one of {DESIGNERS}")
     if args.ablations is not None and args.fewshot:
         raise UsageError("--ablations and --fewshot are separate runs; give one")
+    if args.combine is not None and (args.ablations is not None or args.fewshot):
+        raise UsageError("--combine pools existing result files and runs nothing; drop --ablations / --fewshot")
     return preset(args.preset, **ov)
 
 
@@ -236,6 +251,16 @@ def main(argv=None) -> int:
                 print("\n" + format_calibration_table(recs, "test"))
             return 0
         cfg = config_from_args(args)
+        if args.combine is not None:
+            from bmm_jax.experiment import combine_ablation_files
+            res = combine_ablation_files(args.combine, cfg)
+            print(res.table, flush=True)
+            print(f"\n{PROG}: pooled {len(args.combine)} files, seeds "
+                  f"{sorted({int(r['seed']) for r in res.records})}; results in {res.run_dir}", flush=True)
+            if args.export:
+                for f in export(res.files, args.export, _ablation_exports(res.files)):
+                    print(f"{PROG}: wrote {f}", flush=True)
+            return 0
         if not args.quiet:
             what = "ablations" if args.ablations is not None else ("few-shot Grams" if args.fewshot else "methods")
             print(f"{PROG}: {cfg.name} on {cfg.benchmark_name} ({what}), seeds {list(cfg.seeds)} -> "

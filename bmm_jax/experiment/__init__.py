@@ -25,7 +25,7 @@
      trials) searched by :func:`bmm_jax.search.search` on the validation subset;
    * ``bmm_sampled`` (``sample_draws > 0``): posterior draws around a BMM row's hyper-parameters
      (``Prepared.sample``, method.md §5), predicted probabilities averaged, the temperature chosen
-     on validation NLL (:mod:`bmm_jax.experiment.sampling`);
+     on validation NLL (or accuracy: ``sample_selection``; :mod:`bmm_jax.experiment.sampling`);
 3. compare every BMM row with its anchor (and every sampled row with its point estimate) by a
    paired bootstrap over test examples and seeds (:mod:`bmm_jax.experiment.paired`);
 4. write, atomically (temp file + rename), into the run directory::
@@ -44,12 +44,14 @@
 
 :func:`run_ablations` (:mod:`bmm_jax.experiment.ablations`) and :func:`run_fewshot`
 (:mod:`bmm_jax.experiment.fewshot`) run the ablations and the few-shot Gram curve in the same
-run directory.
+run directory; :func:`combine_ablation_files` pools their result files from separate runs (seeds
+run apart) into one table.
 
 Modules: :mod:`~bmm_jax.experiment.config` (configuration, presets), :mod:`~.running` (the run),
 :mod:`~.records` (records and tables), :mod:`~.paired` (confidence intervals), :mod:`~.plots`,
 :mod:`~.sampling` (posterior temperature), :mod:`~.inputs` (subsets, calibration batches),
-:mod:`~.files` (atomic result files), :mod:`~.ablations`, :mod:`~.fewshot`.
+:mod:`~.files` (atomic result files), :mod:`~.ablations`, :mod:`~.fewshot`,
+:mod:`~.combine`.
 
 Normalised accuracy of a method on a task is its accuracy divided by the task expert's accuracy
 on the same split and seed. ``std`` is the sample standard deviation over seeds (0 for 1 seed).
@@ -57,8 +59,10 @@ on the same split and seed. ``std`` is the sample standard deviation over seeds 
 from __future__ import annotations
 
 from bmm_jax.experiment.ablations import ABLATIONS, AblationResult, data_free_group_grams, run_ablations
+from bmm_jax.experiment.combine import combine_ablation_files
 from bmm_jax.experiment.config import (BASELINES, BMM_ANCHORS, DEFAULT_SAMPLE_TEMPERATURES, DEFAULT_SCALE_GRIDS,
-                                       GRAM_MODES, HPARAM_MODES, PRESETS, SCALED, SPLITS, ExperimentConfig, preset)
+                                       GRAM_MODES, HPARAM_MODES, PRESETS, SAMPLE_SELECTIONS, SCALED, SPLITS,
+                                       ExperimentConfig, preset)
 from bmm_jax.experiment.fewshot import SHOTS, run_fewshot
 from bmm_jax.experiment.files import atomic_write_json, atomic_write_text
 from bmm_jax.experiment.inputs import batches_of, rescale, subset_indices
@@ -78,4 +82,4 @@ __all__ = ["ExperimentConfig", "ExperimentResult", "MethodKey", "Summary", "PRES
            "atomic_write_json", "records_csv", "summary_csv", "method_order", "Comparison", "Interval", "compare",
            "paired_bootstrap", "format_paired_table", "select_temperature", "TemperatureSearch", "run_ablations",
            "ABLATIONS", "AblationResult", "data_free_group_grams", "run_fewshot", "SHOTS", "SHORT", "LABELS",
-           "GRAM_SHORT"]
+           "GRAM_SHORT", "combine_ablation_files", "SAMPLE_SELECTIONS"]

@@ -320,7 +320,7 @@ DESCRIPTIONS = {
 def write_ablations(records: Sequence[Mapping], out_dir: str, *, title: str, details: Mapping,
                     config: ExperimentConfig, plots: bool = True, name: str = "ablations",
                     references: Mapping[str, Mapping[str, tuple]] | None = None) -> dict:
-    """``<name>.json`` (``{"benchmark", "title", "settings", "records", "seconds"}``), ``<name>.md``
+    """``<name>.json`` (``{"benchmark", "title", "settings", "records", "details", "seconds", "protocol"}``), ``<name>.md``
     (a table per ablation) and ``ablation_<ablation>.png`` (``<name>.png`` for a single one)."""
     from bmm_jax.experiment.plots import aggregate, plot_ablation_bars, plot_curve
     os.makedirs(out_dir, exist_ok=True)
@@ -335,7 +335,8 @@ def write_ablations(records: Sequence[Mapping], out_dir: str, *, title: str, det
     atomic_write_text(files["table"], "\n".join(parts))
     atomic_write_json(files["json"], {"benchmark": config.benchmark_name, "title": title,
                                       "settings": jsonable(details.get("settings")), "records": list(records),
-                                      "details": jsonable(details), "seconds": details.get("seconds")})
+                                      "details": jsonable(details), "seconds": details.get("seconds"),
+                                      "protocol": config.protocol()})
     if plots:
         for ab in present:
             path = os.path.join(out_dir, f"ablation_{ab}.png" if name == "ablations" else f"{name}.png")

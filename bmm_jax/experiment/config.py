@@ -33,6 +33,12 @@ DEFAULT_SCALE_GRIDS = (
 #: ascending; the point estimate (sigma = 0) is always a candidate, and the best grid value is
 #: refined by a factor sqrt(10) on each side.
 DEFAULT_SAMPLE_TEMPERATURES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: How a sampled row's temperature is chosen on the validation subset (ties: the smaller temperature,
+#: so the point estimate unless a temperature strictly improves): ``"nll"`` the lowest mean NLL
+#: (the paper's choice; may trade accuracy for calibration), ``"accuracy"`` the highest mean
+#: accuracy, ``"nll_keep_accuracy"`` the lowest mean NLL among temperatures whose mean accuracy is at
+#: least the point estimate's.
+SAMPLE_SELECTIONS = ("nll", "accuracy", "nll_keep_accuracy")
 HEAD_LABELS = {"frozen": "frozen linear-probe head (the task-arithmetic protocol: each expert's encoder is "
                          "fine-tuned against its task's pretrained head, which stays fixed)",
                "lpft": "LP-FT (each expert's head, initialised from the linear probe, is fine-tuned with the "
@@ -86,8 +92,10 @@ class ExperimentConfig:
         method.md §5); ``0`` (default) runs none.
       sample_rows: which BMM rows get a sampled counterpart: patterns ``"anchor/gram/hparams"``
         (``fnmatch`` wildcards, e.g. ``"*/activations/module"``); default every BMM row.
-      sample_temperatures: posterior temperatures tried on validation NLL (ascending, > 0); the
+      sample_temperatures: posterior temperatures tried on validation (ascending, > 0); the
         point estimate (0) is always a candidate.
+      sample_selection: the validation criterion of the temperature, one of
+        :data:`SAMPLE_SELECTIONS` (default ``"nll"``).
       sample_seed: PRNG seed of the posterior draws.
       bootstrap_resamples: resamples of the paired bootstrap confidence intervals (tables only).
       eval_batch_size: evaluation batch size (``None``: 32 for text, 256 for images).
@@ -121,6 +129,7 @@ class ExperimentConfig:
     sample_rows: tuple = ("*/*/*",)
     sample_temperatures: tuple = DEFAULT_SAMPLE_TEMPERATURES
     sample_seed: int = 0
+    sample_selection: str = "nll"
     bootstrap_resamples: int = 2000
     eval_batch_size: int | None = None
     calibration_batch_size: int = 32
@@ -175,6 +184,9 @@ class ExperimentConfig:
             raise ValueError("ExperimentConfig.sample_temperatures must be distinct positive finite numbers in "
                              f"ascending order, got {self.sample_temperatures!r}")
         object.__setattr__(self, "sample_temperatures", temps)
+        if self.sample_selection not in SAMPLE_SELECTIONS:
+            raise ValueError(f"ExperimentConfig.sample_selection must be one of {SAMPLE_SELECTIONS}, got "
+                             f"{self.sample_selection!r}")
         rows = _tuple(self.sample_rows)
         if not rows or any(not isinstance(r, str) or r.count("/") != 2 for r in rows):
             raise ValueError(f"ExperimentConfig.sample_rows must be patterns 'anchor/gram/hparams', got {rows!r}")
@@ -234,7 +246,7 @@ class ExperimentConfig:
         add methods; a sampled row is recomputed when its draw settings change)."""
         skip = ("seeds", "baselines", "bmm_anchors", "bmm_grams", "bmm_hparams", "cache_dir", "run_dir", "name",
                 "plots", "progress", "eval_batch_size", "calibration_batch_size", "sample_draws", "sample_rows",
-                "sample_temperatures", "sample_seed", "bootstrap_resamples", "head")
+                "sample_temperatures", "sample_seed", "sample_selection", "bootstrap_resamples", "head")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         d["benchmark"] = self.benchmark_name
         spec = self.spec()
@@ -245,9 +257,13 @@ class ExperimentConfig:
         return json.loads(json.dumps(d, default=str))
 
     def sampling(self) -> dict:
-        """The settings of the sampled rows (stored with each sampled result)."""
-        return {"draws": int(self.sample_draws), "temperatures": list(self.sample_temperatures),
-                "seed": int(self.sample_seed)}
+        """The settings of the sampled rows (stored with each sampled result; ``selection`` only when
+        it is not the default ``"nll"``, so rows stored before it existed stay valid)."""
+        d = {"draws": int(self.sample_draws), "temperatures": list(self.sample_temperatures),
+             "seed": int(self.sample_seed)}
+        if self.sample_selection != "nll":
+            d["selection"] = self.sample_selection
+        return d
 
     def to_dict(self) -> dict:
         d = self.protocol()
@@ -257,6 +273,7 @@ class ExperimentConfig:
                  calibration_batch_size=self.calibration_batch_size, head=self.resolved_head,
                  sample_rows=list(self.sample_rows), bootstrap_resamples=self.bootstrap_resamples,
                  **{f"sample_{k}": v for k, v in self.sampling().items()})
+        d["sample_selection"] = self.sample_selection
         return d
 
     def replace(self, **changes) -> "ExperimentConfig":
@@ -298,4 +315,5 @@ def preset(preset_name: str, /, **overrides) -> ExperimentConfig:
 
 
 __all__ = ["ExperimentConfig", "PRESETS", "preset", "BASELINES", "BMM_ANCHORS", "GRAM_MODES", "HPARAM_MODES",
-           "SPLITS", "SCALED", "DEFAULT_SCALE_GRIDS", "DEFAULT_SAMPLE_TEMPERATURES", "HEAD_LABELS"]
+           "SPLITS", "SCALED", "DEFAULT_SCALE_GRIDS", "DEFAULT_SAMPLE_TEMPERATURES", "HEAD_LABELS",
+           "SAMPLE_SELECTIONS"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -459,7 +460,8 @@ class SeedRun:
 
     def _sampled(self, key: MethodKey):
         """The sampled counterpart of a BMM row: ``sample_draws`` posterior draws around the row's
-        searched hyper-parameters, probabilities averaged, temperature chosen on validation NLL."""
+        searched hyper-parameters, probabilities averaged, temperature chosen on the validation subset
+        by ``config.sample_selection`` (:func:`validation_loss`)."""
         from bmm_jax.experiment.sampling import select_temperature
         point = MethodKey("bmm", key.anchor, key.gram, key.hparams)
         entry = self.done.get(point.slug)
@@ -476,14 +478,17 @@ class SeedRun:
             draws = draw_samples(prep, rng_key, m, hp, float(t))
             return ev.summarize(ev.ensemble_log_probs(draws, split))
 
+        point_val = entry["validation"]
+        criterion = self.config.sample_selection
+        point_acc = mean_of(point_val, "accuracy")
+
         def evaluate_at(t: float):
             val, _ = ensemble(t, "validation")
-            return mean_of(val, "nll"), val
+            return validation_loss(criterion, val, point_acc), val
 
-        point_val = entry["validation"]
-        point_nll = mean_of(point_val, "nll")
         t0 = time.perf_counter()
-        sel = select_temperature(evaluate_at, self.config.sample_temperatures, point_value=point_nll)
+        sel = select_temperature(evaluate_at, self.config.sample_temperatures,
+                                 point_value=validation_loss(criterion, point_val, point_acc))
         t_sel = time.perf_counter() - t0
         if sel.best == 0.0:
             params = prep.params(hp)
@@ -493,12 +498,37 @@ class SeedRun:
             test, ex = ensemble(sel.best, "test")
             val = sel.details[sel.best]
         info = {"temperature": sel.best, "draws": m, "point_hparams": hp, "kept_anchor": kept,
-                "validation_nll": {repr(t): v for t, v in sel.values.items()}, "seconds_select": t_sel}
+                "selection": criterion,
+                "validation_nll": {repr(t): mean_of(point_val if t == 0.0 else d, "nll")
+                                   for t, d in sel.details.items()},
+                "validation_accuracy": {repr(t): mean_of(point_val if t == 0.0 else d, "accuracy")
+                                        for t, d in sel.details.items()},
+                "seconds_select": t_sel}
         return test, val, info, ex
 
     def save(self) -> None:
         atomic_write_json(self.progress_file, {"protocol": self.config.protocol(), "seed": self.seed,
                                                "methods": self.done})
+
+
+_SELECTION_TEXT = {"nll": "NLL", "accuracy": "accuracy",
+                   "nll_keep_accuracy": "NLL (among temperatures that keep the point estimate's accuracy)"}
+
+
+def validation_loss(criterion: str, val, point_accuracy: float) -> float:
+    """The loss :func:`~bmm_jax.experiment.sampling.select_temperature` minimises for a sampled
+    row's temperature, from ``val`` (``{task: metrics}`` on the validation subset) under
+    ``criterion`` (:data:`~bmm_jax.experiment.config.SAMPLE_SELECTIONS`): mean NLL; 1 - mean
+    accuracy; or mean NLL where the mean accuracy is at least ``point_accuracy`` (the point
+    estimate's) and ``inf`` elsewhere."""
+    if criterion == "nll":
+        return mean_of(val, "nll")
+    acc = mean_of(val, "accuracy")
+    if criterion == "accuracy":
+        return 1.0 - acc
+    if criterion == "nll_keep_accuracy":
+        return mean_of(val, "nll") if acc >= point_accuracy - 1e-12 else math.inf
+    raise ValueError(f"unknown temperature selection {criterion!r}")
 
 
 def _settings(config: ExperimentConfig, key: MethodKey) -> dict | None:
@@ -691,7 +721,8 @@ def markdown_report(records: Sequence[Mapping], *, title: str = "", config: Expe
             f"{config.validation_examples or 'all'} validation examples per task, never on test. Activation "
             f"Grams: {config.calibration_examples} unlabeled train inputs per task."
             + (f" BMM-sampled: {config.sample_draws} posterior draws (method.md §5), predicted probabilities "
-               f"averaged, temperature chosen on validation NLL among 0 (the point estimate) and "
+               f"averaged, temperature chosen on validation "
+               f"{_SELECTION_TEXT[config.sample_selection]} among 0 (the point estimate) and "
                f"{list(config.sample_temperatures)} (refined by √10 around the best)." if config.sample_draws else ""),
             ""]
     elif heads:

@@ -2,7 +2,8 @@
 
 ``prep.sample(key, M, hparams, temperature=sigma)`` draws ``M`` merged models; their predicted
 probabilities are averaged (:func:`bmm_jax.evaluate.ensemble_log_probs`). The temperature is chosen
-by :func:`select_temperature` on the mean validation NLL over tasks, with the same key at every
+by :func:`select_temperature` on the mean validation NLL over tasks (or on accuracy:
+``ExperimentConfig.sample_selection``), with the same key at every
 temperature (common random numbers: the draws differ only by their scale), never on test.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ def sample_key(sample_seed: int, seed: int, slug: str):
 
 class TemperatureSearch(NamedTuple):
     """Result of :func:`select_temperature`: the chosen temperature (0 = the point estimate),
-    ``values`` ``{temperature: mean validation NLL}`` of every temperature tried (ascending), and
+    ``values`` ``{temperature: validation loss}`` of every temperature tried (ascending), and
     ``details`` ``{temperature: what evaluate_at returned besides the value}``."""
     best: float
     values: dict

@@ -24,7 +24,8 @@ AdamW fine-tuning), :mod:`~bmm_jax.experts.probes` (linear probes),
 from __future__ import annotations
 
 from bmm_jax.experts.cache import (_adapter, _default_cache_dir, _read_manifest, _subset,  # noqa: F401
-                                   build_experts, data_hash)
+                                   build_experts, data_hash,
+                                   preprocessing_fingerprint)
 from bmm_jax.experts.config import HEAD_MODES, Benchmark, BenchmarkSpec, FinetuneConfig, LoadFn  # noqa: F401
 from bmm_jax.experts.finetune import (FinetuneResult, batch_plan, combine, finetune, like,  # noqa: F401
                                       lr_schedule, make_optimizer, partition, schedule)
@@ -33,5 +34,5 @@ from bmm_jax.experts.registry import BENCHMARKS, TEXT_TASKS, VISION_TASKS, get_b
 
 __all__ = ["FinetuneConfig", "BenchmarkSpec", "Benchmark", "BENCHMARKS", "HEAD_MODES", "build_experts",
            "finetune", "make_optimizer", "schedule", "linear_probe", "ProbeFit", "lr_schedule", "batch_plan",
-           "scaled_image_load", "FinetuneResult", "extract_features", "partition", "combine", "data_hash",
+           "scaled_image_load", "FinetuneResult", "extract_features", "partition", "combine", "data_hash", "preprocessing_fingerprint",
            "get_benchmark", "TEXT_TASKS", "VISION_TASKS"]

@@ -6,8 +6,9 @@ Cache layout (``cache_dir`` defaults to :func:`bmm_jax.data.paths.cache_dir`)::
     <cache_dir>/experts/<benchmark>/<task>/seed<s>/{manifest.json, ckpt/}
 
 ``manifest.json`` records the config (head mode included), a hash of the training data, the base
-weights' checksum and the saved weights' checksum. A rerun with the same config reuses the
-checkpoint; a changed config, data or base model rebuilds it; a corrupt checkpoint (unreadable, or
+weights' checksum, a fingerprint of the preprocessing (:func:`preprocessing_fingerprint`: what the
+adapter makes of a few training inputs, so the cache survives a moved or recreated environment) and
+the saved weights' checksum. A rerun with the same config reuses the checkpoint; a changed config, data or base model rebuilds it; a corrupt checkpoint (unreadable, or
 a checksum that does not match) is detected and rebuilt. Experts of seed ``s`` use their own
 training subsample and batch order, so the seeds are distinct fine-tunes.
 """
@@ -51,6 +52,27 @@ def data_hash(inputs, labels) -> str:
     return h.hexdigest()
 
 
+def preprocessing_fingerprint(adapter: ModelAdapter, inputs) -> str:
+    """sha256 of ``adapter.preprocess(inputs)`` (every array's key, dtype, shape and bytes).
+
+    A location-free identity of the preprocessing (tokeniser, sequence length, image size,
+    normalisation) for the expert cache: ``adapter.preprocess_key`` names the files the tokeniser was
+    read from, so it changes when the same model is installed elsewhere (another virtual environment,
+    a clone in another folder), whereas what the preprocessing *does* to the same inputs does not.
+    ``inputs`` is a few training inputs (strings or images).
+    """
+    h = hashlib.sha256(f"{adapter.name}:{adapter.feature_dim}".encode())
+    batch = adapter.preprocess(inputs)
+    for k in sorted(batch):
+        a = np.ascontiguousarray(np.asarray(batch[k]))
+        h.update(f"{k}:{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+_FINGERPRINT_INPUTS = 16
+
+
 def _read_manifest(d: str) -> dict | None:
     try:
         with open(os.path.join(d, "manifest.json")) as f:
@@ -69,12 +91,21 @@ def _write_manifest(d: str, manifest: dict) -> None:
     os.replace(tmp, os.path.join(d, "manifest.json"))
 
 
-def _try_reuse(d: str, want: dict, like: PyTree) -> tuple[PyTree | None, str]:
-    """Load the cached checkpoint in ``d`` if its manifest matches ``want``; else ``(None, why)``."""
+def _try_reuse(d: str, want: dict, like: PyTree, legacy: dict | None = None) -> tuple[PyTree | None, str]:
+    """Load the cached checkpoint in ``d`` if its manifest matches ``want``; else ``(None, why)``.
+
+    ``legacy`` maps a key of ``want`` to ``(old_key, old_value)``: a manifest written before that key
+    existed matches when its ``old_key`` equals ``old_value`` (manifests from before the preprocessing
+    fingerprint match on the adapter's ``preprocess_key``, so existing caches stay valid)."""
     m = _read_manifest(d)
     if m is None:
         return None, "no manifest" if not os.path.exists(os.path.join(d, "manifest.json")) else "unreadable manifest"
     for k, v in want.items():
+        if k not in m and legacy and k in legacy:
+            old_key, old_value = legacy[k]
+            if m.get(old_key) == old_value:
+                continue
+            return None, f"{old_key} changed"
         if m.get(k) != v:
             return None, f"{k} changed"
     try:
@@ -182,11 +213,13 @@ def build_experts(benchmark: str | BenchmarkSpec, *, cache_dir: str | None = Non
             vidx = _subset(len(v_labels), config.probe_max_val, seed=0)
             val = (_select(v_inputs, vidx), np.asarray(v_labels)[vidx])
             p_hash = hashlib.sha256((p_hash + data_hash(*val)).encode()).hexdigest()
-        p_want = {"kind": "probe", "benchmark": spec.name, "task": task, "adapter": adapter.preprocess_key,
+        prep_fp = preprocessing_fingerprint(adapter, _select(inputs, pidx[:_FINGERPRINT_INPUTS]))
+        legacy = {"preprocessing": ("adapter", adapter.preprocess_key)}
+        p_want = {"kind": "probe", "benchmark": spec.name, "task": task, "preprocessing": prep_fp,
                   "config": _jsonable(config.probe_part()), "data_hash": p_hash, "base_checksum": base_sum,
                   "num_classes": nc}
         pdir = os.path.join(tdir, "probe")
-        tree, why = _try_reuse(pdir, p_want, {"head": head_like})
+        tree, why = _try_reuse(pdir, p_want, {"head": head_like}, legacy)
         tp, cp = time.time(), time.process_time()
         if tree is None:
             if why != "no manifest":
@@ -199,7 +232,7 @@ def build_experts(benchmark: str | BenchmarkSpec, *, cache_dir: str | None = Non
                                val_features=vfeats, val_labels=None if val is None else val[1],
                                l2_grid=config.probe_l2_grid)
             probe = fit.head
-            _store(pdir, {"head": probe}, {**p_want, "n_train": int(len(pidx)), "l2": fit.l2,
+            _store(pdir, {"head": probe}, {**p_want, "adapter": adapter.preprocess_key, "n_train": int(len(pidx)), "l2": fit.l2,
                                            "val_accuracy": {str(k): v for k, v in fit.val_accuracy.items()}})
             st["probe_reused"] = False
         else:
@@ -217,12 +250,12 @@ def build_experts(benchmark: str | BenchmarkSpec, *, cache_dir: str | None = Non
         idx = _subset(len(labels), config.max_train, seed=1000 + seed)
         e_hash = data_hash(_select(inputs, idx), labels[idx])
         e_want = {"kind": "expert", "benchmark": spec.name, "task": task, "seed": int(seed),
-                  "adapter": adapter.preprocess_key, "config": _jsonable(config.to_dict()),
+                  "preprocessing": prep_fp, "config": _jsonable(config.to_dict()),
                   "data_hash": e_hash, "base_checksum": base_sum, "num_classes": nc,
                   "probe_checksum": checkpoint.tree_checksum({"head": probe})}
         edir = os.path.join(tdir, f"seed{seed}")
         ckpt_like = {"encoder": jax.tree_util.tree_map(np.asarray, base_trainable), "head": head_like}
-        tree, why = _try_reuse(edir, e_want, ckpt_like)
+        tree, why = _try_reuse(edir, e_want, ckpt_like, legacy)
         te, ce = time.time(), time.process_time()
         if tree is None:
             if why != "no manifest":
@@ -232,7 +265,7 @@ def build_experts(benchmark: str | BenchmarkSpec, *, cache_dir: str | None = Non
                            desc=f"{spec.name}/{task} seed{seed}")
             trained, _ = partition(res.params, config.frozen)
             tree = {"encoder": jax.tree_util.tree_map(np.asarray, trained), "head": res.head}
-            _store(edir, tree, {**e_want, "n_train": int(len(idx)),
+            _store(edir, tree, {**e_want, "adapter": adapter.preprocess_key, "n_train": int(len(idx)),
                                 "first_loss": float(res.losses[0]) if len(res.losses) else None,
                                 "final_loss": float(np.mean(res.losses[-10:])) if len(res.losses) else None})
             st["expert_reused"] = False
@@ -281,4 +314,4 @@ __all__ = ["FinetuneConfig", "BenchmarkSpec", "Benchmark", "BENCHMARKS", "build_
            "linear_probe", "ProbeFit", "lr_schedule", "adamw_step", "adam_init", "AdamState", "batch_plan", "scaled_image_load", "FinetuneResult", "extract_features", "partition", "combine", "data_hash", "get_benchmark"]
 
 
-__all__ = ["build_experts", "data_hash"]
+__all__ = ["build_experts", "data_hash", "preprocessing_fingerprint"]
